@@ -1,0 +1,142 @@
+"""Readers for the data sets the experiments use (plain numpy/torch, no Ray).
+
+MNIST comes as its four IDX ``.gz`` files. ``find_mnist_dir`` looks, in order, in the folder given,
+in ``$MSCNN_DATA_DIR`` (the folder itself or its ``mnist/`` sub-folder) and in ``../shared/data/mnist``
+beside the working copy; ``download=True`` fetches the files with torchvision where a network exists.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "MNIST_FILES",
+    "MNIST_SCALE",
+    "Split",
+    "find_mnist_dir",
+    "load_mnist",
+    "mnist_splits",
+    "read_idx",
+]
+
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+# Pixels are scaled to x / 255 / MNIST_SCALE (the training set's standard deviation), without
+# shifting the mean: the background stays 0, which matches the zero boundary of the grid transfer.
+MNIST_SCALE = 0.3081
+
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) into a numpy array; a corrupt, truncated or
+    mis-typed file raises ``ValueError`` naming the file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"IDX file not found: {path}") from None
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: not a readable gzip file ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise ValueError(f"{path}: bad IDX magic number {raw[:4].hex()!r}")
+    ndim = raw[3]
+    head = 4 + 4 * ndim
+    if len(raw) < head:
+        raise ValueError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    want = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - head != want:
+        raise ValueError(
+            f"{path}: IDX payload has {len(raw) - head} bytes, header shape {shape} needs {want}"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=head).reshape(shape)
+
+
+def _candidates(data_dir: str | os.PathLike | None) -> list[Path]:
+    out: list[Path] = []
+    for base in (data_dir, os.environ.get("MSCNN_DATA_DIR")):
+        if base:
+            out += [Path(base), Path(base) / "mnist"]
+    here = Path.cwd()
+    for up in (here, *here.parents):
+        out.append(up / "shared" / "data" / "mnist")
+        if len(out) > 12:
+            break
+    return out
+
+
+def find_mnist_dir(data_dir: str | os.PathLike | None = None, download: bool = False) -> Path:
+    """The folder that holds the four MNIST files (see the module docstring for the search order)."""
+    names = [f for pair in MNIST_FILES.values() for f in pair]
+    tried = _candidates(data_dir)
+    for d in tried:
+        if all((d / f).is_file() for f in names):
+            return d
+    if download:
+        from torchvision.datasets import MNIST
+
+        root = Path(data_dir or os.environ.get("MSCNN_DATA_DIR") or "data")
+        MNIST(str(root), download=True)
+        return root / "MNIST" / "raw"
+    raise FileNotFoundError(
+        "MNIST files not found (need " + ", ".join(names) + "). Looked in: "
+        + ", ".join(str(d) for d in dict.fromkeys(tried))
+        + ". Pass --data-dir, set MSCNN_DATA_DIR, or allow a download."
+    )
+
+
+def load_mnist(
+    split: str = "train", data_dir: str | os.PathLike | None = None, download: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST ``split`` ("train": 60,000, "test": 10,000) as ``x: (N, 1, 28, 28)`` float32 scaled
+    by ``1 / (255 * MNIST_SCALE)`` and ``y: (N,)`` int64."""
+    if split not in MNIST_FILES:
+        raise ValueError(f"load_mnist: unknown split {split!r}; valid: {sorted(MNIST_FILES)}")
+    d = find_mnist_dir(data_dir, download)
+    img_f, lab_f = (d / f for f in MNIST_FILES[split])
+    images, labels = read_idx(img_f), read_idx(lab_f)
+    if images.ndim != 3 or labels.ndim != 1:
+        raise ValueError(f"{img_f}: expected images (N, rows, cols) and labels (N,), got "
+                         f"{images.shape} and {labels.shape}")
+    if len(images) != len(labels):
+        raise ValueError(f"{img_f} has {len(images)} images but {lab_f} has {len(labels)} labels")
+    x = torch.from_numpy(images.astype(np.float32) / (255.0 * MNIST_SCALE)).unsqueeze(1)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def mnist_splits(
+    data_dir: str | os.PathLike | None = None, n_train: int = 50_000, n_val: int = 10_000
+) -> dict[str, Split]:
+    """The paper's split: the first ``n_train`` training images for training, the last ``n_val``
+    for validation, and the test file kept as test."""
+    x, y = load_mnist("train", data_dir)
+    if n_train + n_val > len(y):
+        raise ValueError(f"mnist_splits: n_train + n_val = {n_train + n_val} > {len(y)} images")
+    xt, yt = load_mnist("test", data_dir)
+    return {
+        "train": Split(x[:n_train], y[:n_train]),
+        "val": Split(x[len(y) - n_val :], y[len(y) - n_val :]),
+        "test": Split(xt, yt),
+    }

@@ -1,0 +1,230 @@
+"""The ODE-ResNet of the paper: a ResNet read as forward Euler on ``y' = act(K(s(t)) y + b(t))``.
+
+Architecture (``ODENetConfig``)::
+
+    x (B, in_channels, n, n)
+      -> opening layer: act(conv3x3(x))                 in_channels -> channels[0]
+      -> unit 0: steps[0] Euler steps, dt = T / steps[0]
+            y <- y + dt * act(conv3x3(y, s_k) + b_k)    k = 0 .. N-1
+      -> connective: restrict_image(act(conv1x1(y)))    channels[u] -> channels[u+1], n -> n/2
+      -> unit 1 ... (one per entry of ``channels``)
+      -> classifier ("quadrature": h^2 <W, y> + mu on the last grid; "pool": mean + linear)
+
+The parameters of a unit are stored stacked over time: ``K: (N, C, C, 3, 3)``, ``b: (N, C)``, so a
+unit is a discretised function of time (``mscnn.hierarchy.to_depth`` interpolates it).
+All convolutions use zero padding, which matches the zero boundary of ``mscnn.transfer``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mscnn.classifier import CLASSIFIERS
+from mscnn.transfer import get_pair, restrict_image
+
+__all__ = ["ACTIVATIONS", "EulerUnit", "ODENet", "ODENetConfig", "activation"]
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "identity": lambda y: y,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Look up an activation by name; an unknown name raises ``ValueError`` listing the valid."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; valid: {sorted(ACTIVATIONS)}") from None
+
+
+def _as_list(v: int | list[int], units: int, name: str) -> list[int]:
+    out = [int(v)] * units if isinstance(v, int) else [int(x) for x in v]
+    if len(out) != units:
+        raise ValueError(f"ODENetConfig.{name}: expected {units} entries (one per unit), got {v!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class ODENetConfig:
+    """Architecture of an ``ODENet``: plain data, saved as ``model.json`` beside a checkpoint.
+
+    ``channels``/``steps``: an int (one unit) or a list with one entry per unit (``steps`` may stay
+    an int for all units). ``n`` is the input resolution; each connective layer halves it.
+    """
+
+    in_channels: int = 1
+    channels: int | tuple[int, ...] = 16
+    steps: int | tuple[int, ...] = 2
+    T: float = 2.0
+    n: int = 28
+    classes: int = 10
+    activation: str = "tanh"
+    pair: str = "full-weighting"
+    classifier: str = "quadrature"
+
+    def __post_init__(self) -> None:
+        for key in ("channels", "steps"):  # lists from JSON/YAML become tuples (hashable, frozen)
+            v = getattr(self, key)
+            if isinstance(v, list):
+                object.__setattr__(self, key, tuple(v))
+        activation(self.activation)
+        get_pair(self.pair)
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(
+                f"ODENetConfig.classifier: unknown {self.classifier!r}; valid: {sorted(CLASSIFIERS)}"
+            )
+        if self.T <= 0 or not math.isfinite(self.T):
+            raise ValueError(f"ODENetConfig.T: final time must be > 0, got {self.T!r}")
+        if min(self.unit_channels) < 1 or min(self.unit_steps) < 1:
+            raise ValueError(
+                f"ODENetConfig: channels and steps must be >= 1, got {self.channels}, {self.steps}"
+            )
+        units = len(self.unit_channels)
+        if self.n < 1 or self.n % 2 ** (units - 1):
+            raise ValueError(
+                f"ODENetConfig.n: n={self.n} must be divisible by 2**{units - 1} "
+                f"({units} units, each connective layer halves the grid)"
+            )
+
+    @property
+    def unit_channels(self) -> list[int]:
+        c = self.channels
+        return [int(c)] if isinstance(c, int) else [int(x) for x in c]
+
+    @property
+    def unit_steps(self) -> list[int]:
+        return _as_list(
+            self.steps if isinstance(self.steps, int) else list(self.steps),
+            len(self.unit_channels),
+            "steps",
+        )
+
+    @property
+    def n_out(self) -> int:
+        """Resolution of the last unit (the classifier's grid)."""
+        return self.n // 2 ** (len(self.unit_channels) - 1)
+
+    @property
+    def h(self) -> float:
+        return 1.0 / self.n
+
+    def replace(self, **changes) -> ODENetConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channels"] = self.unit_channels if not isinstance(self.channels, int) else self.channels
+        d["steps"] = list(self.steps) if not isinstance(self.steps, int) else self.steps
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ODENetConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(d) - known - {"h"})
+        if unknown:
+            raise ValueError(f"ODENetConfig: unknown fields {unknown}; valid: {sorted(known)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class EulerUnit(nn.Module):
+    """``N`` forward-Euler steps ``y <- y + dt * act(conv3x3(y, K[k]) + b[k])``, ``dt = T / N``.
+
+    ``y: (B, C, n, n) -> (B, C, n, n)``; parameters ``K: (N, C, C, 3, 3)``, ``b: (N, C)``.
+    """
+
+    def __init__(self, channels: int, steps: int, T: float, act: str = "tanh") -> None:
+        super().__init__()
+        self.T = float(T)
+        self.act_name = act
+        bound = 1.0 / math.sqrt(9 * channels)  # nn.Conv2d's default scale
+        self.K = nn.Parameter(torch.empty(steps, channels, channels, 3, 3).uniform_(-bound, bound))
+        self.b = nn.Parameter(torch.zeros(steps, channels))
+
+    @property
+    def steps(self) -> int:
+        return self.K.shape[0]
+
+    @property
+    def dt(self) -> float:
+        return self.T / self.steps
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        act, dt = activation(self.act_name), self.dt
+        for k in range(self.steps):
+            y = y + dt * act(F.conv2d(y, self.K[k], self.b[k], padding=1))
+        return y
+
+
+class Connective(nn.Module):
+    """Channel change and 2x coarsening: ``(B, C_in, n, n) -> (B, C_out, n/2, n/2)``,
+    ``restrict_image(act(conv1x1(y)))``."""
+
+    def __init__(self, c_in: int, c_out: int, act: str, pair: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 1)
+        self.act_name, self.pair = act, pair
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return restrict_image(activation(self.act_name)(self.conv(y)), self.pair)
+
+
+class ODENet(nn.Module):
+    """The paper's ODE-ResNet classifier: ``x: (B, in_channels, n, n) -> logits (B, classes)``.
+
+    >>> net = ODENet(in_channels=1, channels=16, steps=2, T=2.0, n=28, classes=10)
+    >>> net(torch.zeros(5, 1, 28, 28)).shape
+    torch.Size([5, 10])
+    >>> net.h == 1 / 28, net.units[0].K.shape
+    (True, torch.Size([2, 16, 16, 3, 3]))
+    """
+
+    def __init__(self, config: ODENetConfig | None = None, **kwargs) -> None:
+        super().__init__()
+        if config is None:
+            config = ODENetConfig(**kwargs)
+        elif kwargs:
+            config = config.replace(**kwargs)
+        self.config = config
+        chans, steps = config.unit_channels, config.unit_steps
+        self.opening = nn.Conv2d(config.in_channels, chans[0], 3, padding=1)
+        self.units = nn.ModuleList(
+            EulerUnit(c, s, config.T, config.activation) for c, s in zip(chans, steps, strict=True)
+        )
+        self.connectives = nn.ModuleList(
+            Connective(a, b, config.activation, config.pair)
+            for a, b in zip(chans[:-1], chans[1:], strict=True)
+        )
+        self.classifier = CLASSIFIERS[config.classifier](config.classes, chans[-1], config.n_out)
+
+    @property
+    def n(self) -> int:
+        return self.config.n
+
+    @property
+    def h(self) -> float:
+        return self.config.h
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The state at final time of the last unit: ``(B, in_channels, n, n) -> (B, C, n_out, n_out)``."""
+        c = self.config
+        if x.dim() != 4 or x.shape[1] != c.in_channels or tuple(x.shape[-2:]) != (c.n, c.n):
+            raise ValueError(
+                f"ODENet: expected input (B, {c.in_channels}, {c.n}, {c.n}), got {tuple(x.shape)}"
+            )
+        y = activation(c.activation)(self.opening(x))
+        for u, unit in enumerate(self.units):
+            if u:
+                y = self.connectives[u - 1](y)
+            y = unit(y)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))

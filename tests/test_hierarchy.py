@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from mscnn.hierarchy import interpolate_in_time, levels_between, to_depth, to_resolution
+from mscnn.ode import ODENet
+from mscnn.transfer import prolong_image, prolong_stencil, restrict_image, restrict_stencil
+
+
+def _net(**kw):
+    torch.manual_seed(kw.pop("seed", 0))
+    net = ODENet(**kw).double()
+    with torch.no_grad():  # non-trivial biases and classifier
+        for u in net.units:
+            u.b.normal_()
+        net.classifier.mu.normal_()
+    return net
+
+
+@pytest.mark.parametrize("pair", ["full-weighting", "average"])
+def test_linear_opening_layer_moved_to_coarse_grid_reproduces_fine_layer(pair):
+    fine = _net(channels=3, steps=1, n=16, activation="identity", pair=pair)
+    coarse = to_resolution(fine, 8)
+    yH = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    left = coarse.opening(yH)
+    right = restrict_image(fine.opening(prolong_image(yH, pair)), pair)
+    torch.testing.assert_close(left[..., 1:-1, 1:-1], right[..., 1:-1, 1:-1], rtol=0, atol=1e-12)
+
+
+def test_one_linear_euler_step_commutes_with_transfer_for_average_pair():
+    """With R P = I the skip connection commutes too: R(P y + dt K_h P y) = y + dt K_H y.
+    (A product of two layers does not: R K2 K1 P != (R K2 P)(R K1 P).)"""
+    fine = _net(channels=2, steps=1, n=32, activation="identity", pair="average")
+    coarse = to_resolution(fine, 16)
+    yH = torch.randn(3, 2, 16, 16, dtype=torch.float64)
+    left = coarse.units[0](yH)
+    right = restrict_image(fine.units[0](prolong_image(yH, "average")), "average")
+    torch.testing.assert_close(left[..., 1:-1, 1:-1], right[..., 1:-1, 1:-1], rtol=0, atol=1e-12)
+
+
+def test_to_resolution_moves_each_parameter_as_specified():
+    net = _net(channels=[3, 4], steps=2, n=16, classes=5)
+    c = to_resolution(net, 8)
+    f = to_resolution(net, 64)
+    assert c.n == 8 and c.h == 1 / 8 and c.classifier.W.shape == (5, 4, 4, 4)
+    assert f.n == 64 and f.classifier.W.shape == (5, 4, 32, 32)
+    torch.testing.assert_close(c.units[1].K, restrict_stencil(net.units[1].K))
+    torch.testing.assert_close(c.opening.weight, restrict_stencil(net.opening.weight))
+    torch.testing.assert_close(f.units[0].K, prolong_stencil(prolong_stencil(net.units[0].K)))
+    torch.testing.assert_close(c.classifier.W, restrict_image(net.classifier.W))
+    torch.testing.assert_close(f.classifier.W, prolong_image(prolong_image(net.classifier.W)))
+    for name in ("units.0.b", "opening.bias", "connectives.0.conv.weight", "classifier.mu"):
+        torch.testing.assert_close(c.state_dict()[name], net.state_dict()[name])
+    # restriction undoes prolongation exactly for stencils
+    back = to_resolution(f, 16)
+    torch.testing.assert_close(back.units[0].K, net.units[0].K)
+    assert net.n == 16  # the input model is untouched
+    assert c(torch.randn(2, 1, 8, 8, dtype=torch.float64)).shape == (2, 5)
+
+
+def test_naive_transfer_keeps_stencils_and_moves_W():
+    net = _net(channels=2, n=8)
+    c = to_resolution(net, 4, naive=True)
+    torch.testing.assert_close(c.units[0].K, net.units[0].K)
+    torch.testing.assert_close(c.classifier.W, restrict_image(net.classifier.W))
+
+
+def test_to_resolution_errors():
+    net = _net(channels=[2, 2], n=12)
+    with pytest.raises(ValueError, match="not 12 \\* 2\\*\\*k"):
+        to_resolution(net, 18)
+    with pytest.raises(ValueError, match="cannot move a 12x12 network to 3x3"):
+        to_resolution(net, 3)  # 3 is not divisible by 2 for the connective
+    assert levels_between(7, 28) == 2
+
+
+def test_interpolation_in_time_keeps_constants_and_lines():
+    const = torch.full((3, 2, 2), 1.7, dtype=torch.float64)
+    for steps in (1, 2, 5, 6, 12):
+        torch.testing.assert_close(interpolate_in_time(const, steps), const[:1].expand(steps, 2, 2))
+    t = torch.arange(4, dtype=torch.float64) / 4  # theta(t) = 2 - 3 t at t_k = k/4
+    line = (2 - 3 * t).view(4, 1)
+    for steps in (2, 3, 8, 16):
+        tn = torch.arange(steps, dtype=torch.float64) / steps
+        torch.testing.assert_close(interpolate_in_time(line, steps), (2 - 3 * tn).view(steps, 1))
+
+
+def test_to_depth_keeps_constant_and_linear_parameters():
+    net = _net(channels=2, steps=4, n=8)
+    with torch.no_grad():
+        net.units[0].K.copy_(net.units[0].K[:1].expand(4, -1, -1, -1, -1))
+        net.units[0].b.copy_(torch.tensor([0.0, 0.25, 0.5, 0.75]).view(4, 1).expand(4, 2))
+    deep = to_depth(net, 16)
+    assert deep.units[0].steps == 16 and deep.config.steps == 16 and deep.config.T == net.config.T
+    torch.testing.assert_close(deep.units[0].K, net.units[0].K[:1].expand(16, -1, -1, -1, -1))
+    b = (torch.arange(16, dtype=torch.float64) / 16).view(16, 1).expand(16, 2)
+    torch.testing.assert_close(deep.units[0].b, b)
+    torch.testing.assert_close(deep.classifier.W, net.classifier.W)
+
+
+def test_to_depth_output_changes_at_first_order():
+    """The network with the interpolated parameters converges as forward Euler: the change of the
+    output halves each time the depth doubles."""
+    net = _net(channels=3, steps=2, n=8, seed=3)
+    x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
+    outs = [to_depth(net, N).features(x) for N in (4, 8, 16, 32, 64)]
+    d = [(b - a).norm().item() for a, b in zip(outs, outs[1:], strict=False)]
+    ratios = [b / a for a, b in zip(d, d[1:], strict=False)]
+    assert all(0.4 < r < 0.6 for r in ratios), ratios
+
+
+def test_to_depth_per_unit_and_errors():
+    net = _net(channels=[2, 3], steps=[2, 4], n=8)
+    deep = to_depth(net, [4, 8])
+    assert [u.steps for u in deep.units] == [4, 8]
+    with pytest.raises(ValueError, match="expected 2 step counts"):
+        to_depth(net, [4])
