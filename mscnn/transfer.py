@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -165,7 +165,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return y.reshape(*lead, *y.shape[-2:])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _galerkin_1d(pair: str) -> tuple[tuple[float, ...], ...]:
     """The 3x3 matrix ``M[d, k]`` of the 1D Galerkin product ``R K(s) P`` for stencil offsets
     ``k, d`` in ``{-1, 0, 1}``: coarse ``s_H[d] = sum_k M[d, k] s_h[k]`` (exact rationals)."""
@@ -187,7 +187,7 @@ def _galerkin_1d(pair: str) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(row) for row in M)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _galerkin_9x9(pair: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``G`` (9x9, float64) with ``vec(s_H) = G vec(s_h)``, and its inverse. Formed once per pair."""
     M = torch.tensor(_galerkin_1d(pair), dtype=torch.float64)

@@ -146,10 +146,10 @@ def test_gradcheck_of_every_transfer():
     s = torch.randn(2, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
     x = torch.randn(1, 2, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
     for pair in PAIRS:
-        assert torch.autograd.gradcheck(lambda t: restrict_stencil(t, pair), (s,))
-        assert torch.autograd.gradcheck(lambda t: prolong_stencil(t, pair), (s,))
-        assert torch.autograd.gradcheck(lambda t: restrict_image(t, pair), (x,))
-        assert torch.autograd.gradcheck(lambda t: prolong_image(t, pair), (x,))
+        assert torch.autograd.gradcheck(lambda t, p=pair: restrict_stencil(t, p), (s,))
+        assert torch.autograd.gradcheck(lambda t, p=pair: prolong_stencil(t, p), (s,))
+        assert torch.autograd.gradcheck(lambda t, p=pair: restrict_image(t, p), (x,))
+        assert torch.autograd.gradcheck(lambda t, p=pair: prolong_image(t, p), (x,))
     assert torch.autograd.gradcheck(lambda t: gaussian_blur(t, 0.7), (x,))
 
 

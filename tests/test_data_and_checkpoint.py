@@ -1,0 +1,87 @@
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mscnn.checkpoint import load_checkpoint, save_checkpoint
+from mscnn.data import MNIST_SCALE, load_mnist, mnist_splits, read_idx
+from mscnn.hierarchy import to_resolution
+from mscnn.ode import ODENet
+
+
+def _idx(arr: np.ndarray) -> bytes:
+    head = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    return head + arr.astype(np.uint8).tobytes()
+
+
+def test_read_idx_round_trip_and_errors(tmp_path):
+    a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    (tmp_path / "ok.gz").write_bytes(gzip.compress(_idx(a)))
+    np.testing.assert_array_equal(read_idx(tmp_path / "ok.gz"), a)
+    (tmp_path / "short").write_bytes(_idx(a)[:-5])
+    with pytest.raises(ValueError, match=r"short: IDX payload has 19 bytes.*\(2, 3, 4\) needs 24"):
+        read_idx(tmp_path / "short")
+    (tmp_path / "bad.gz").write_bytes(gzip.compress(_idx(a))[:30])
+    with pytest.raises(ValueError, match=r"bad\.gz: not a readable gzip file"):
+        read_idx(tmp_path / "bad.gz")
+    (tmp_path / "magic").write_bytes(b"\x12\x34" + _idx(a)[2:])
+    with pytest.raises(ValueError, match=r"magic: bad IDX magic"):
+        read_idx(tmp_path / "magic")
+
+
+def test_mismatched_label_count_names_both_files(tmp_path):
+    names = {
+        "train-images-idx3-ubyte.gz": np.zeros((3, 28, 28)),
+        "train-labels-idx1-ubyte.gz": np.zeros(2),
+        "t10k-images-idx3-ubyte.gz": np.zeros((1, 28, 28)),
+        "t10k-labels-idx1-ubyte.gz": np.zeros(1),
+    }
+    for f, a in names.items():
+        (tmp_path / f).write_bytes(gzip.compress(_idx(a)))
+    with pytest.raises(ValueError, match=r"train-images.*has 3 images but .*train-labels.* 2 labels"):
+        load_mnist("train", tmp_path)
+
+
+def test_missing_mnist_says_where_it_looked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MSCNN_DATA_DIR", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"MNIST files not found.*Looked in: .*nowhere"):
+        load_mnist("test", tmp_path / "nowhere")
+
+
+def test_real_mnist_from_shared_data():
+    """The staged original files (../shared/data/mnist): counts and known first labels."""
+    s = mnist_splits()
+    assert (len(s["train"]), len(s["val"]), len(s["test"])) == (50_000, 10_000, 10_000)
+    assert s["train"].y[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    assert s["test"].y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert s["train"].x.shape[1:] == (1, 28, 28) and s["train"].x.dtype == torch.float32
+    x, _ = load_mnist("train")
+    assert (x * MNIST_SCALE).mean().item() == pytest.approx(0.13066, abs=1e-4)
+
+
+def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path):
+    net = ODENet(channels=[2, 3], steps=[1, 2], n=8, classes=4)
+    p = save_checkpoint(tmp_path / "ck", net, {"stage": "level-0"})
+    assert sorted(f.name for f in p.iterdir()) == ["lineage.json", "model.json", "model.pt"]
+    back, lineage = load_checkpoint(p)
+    assert back.config == net.config and lineage == {"stage": "level-0"}
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0)
+    # overwrite with a moved network; no temporary folders are left behind
+    save_checkpoint(p, to_resolution(net, 16), {"transfer": "to_resolution(16)"})
+    assert load_checkpoint(p)[0].n == 16
+    assert [f.name for f in tmp_path.iterdir()] == ["ck"]
+
+
+def test_incomplete_or_mismatched_checkpoint_errors(tmp_path):
+    p = save_checkpoint(tmp_path / "ck", ODENet(channels=2, n=8))
+    (p / "lineage.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"ck is incomplete: missing \['lineage.json'\]"):
+        load_checkpoint(p)
+    p = save_checkpoint(tmp_path / "ck2", ODENet(channels=2, n=8))
+    (p / "model.json").write_text(json.dumps(ODENet(channels=3, n=8).config.to_dict()))
+    with pytest.raises(ValueError, match=r"model\.pt does not match .*model\.json"):
+        load_checkpoint(p)
