@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--levels", type=int, default=1)
     ap.add_argument("--train-count", type=int, default=50_000)
+    ap.add_argument("--sigma", type=float, default=1.0, help="blur before each restriction")
+    ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--eval", choices=["val", "test"], default="val")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default="outputs/benchmarks")
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 
     data = mnist_splits(args.data_dir)
     train = Split(data["train"].x[: args.train_count], data["train"].y[: args.train_count])
-    base = CrossResConfig(epochs=args.epochs, levels=args.levels)
+    base = CrossResConfig(epochs=args.epochs, levels=args.levels, sigma=args.sigma, lr=args.lr)
     rows, t0 = [], time.perf_counter()
     for seed in args.seeds:
         print(f"seed {seed}")
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + head + "\n\n" + md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"cross_resolution_L{args.levels}_{args.eval}"
+    stem = f"cross_resolution_L{args.levels}_{args.eval}_sigma{args.sigma:g}"
     (out / f"{stem}.md").write_text(head + "\n\n" + md + "\n")
     (out / f"{stem}.json").write_text(json.dumps({"config": asdict(base), "args": vars(args),
                                                   "rows": rows}, indent=1))

@@ -140,3 +140,65 @@ def mnist_splits(
         "val": Split(x[len(y) - n_val :], y[len(y) - n_val :]),
         "test": Split(xt, yt),
     }
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
+
+
+def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class-per-folder images (as torchvision's ``ImageFolder``): ``(classes, [(file, label)])``,
+    classes in sorted order. An empty class folder or a root without classes raises."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"{root}: no class sub-folders")
+    items = []
+    for label, c in enumerate(classes):
+        files = sorted(f for f in (root / c).iterdir() if f.suffix in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{root / c}: empty class folder (no {'/'.join(IMAGE_SUFFIXES[:3])} files)")
+        items += [(f, label) for f in files]
+    return classes, items
+
+
+def read_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """One image as ``(3, size, size)`` uint8 RGB (grayscale converted), resized bilinearly.
+    A corrupt or truncated file raises ``ValueError`` naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{path}: cannot decode image ({e})") from None
+
+
+def synthetic(count: int, n: int, seed: int = 0, classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded synthetic images ``(count, 1, n, n)`` float32 in [0, 1] and labels ``(count,)``:
+    class 0 a horizontal bar, 1 a vertical bar, 2 a filled square, 3 a hollow square (cycled for
+    more classes, with the bar width growing), at random positions and sizes."""
+    if n < 8:
+        raise ValueError(f"synthetic: n must be >= 8, got {n}")
+    rng = np.random.default_rng(seed)
+    x = np.zeros((count, 1, n, n), np.float32)
+    y = rng.integers(0, classes, count)
+    for i, c in enumerate(y):
+        w = max(1, n // 8) * (1 + c // 4)
+        L = int(rng.integers(n // 2, n - 2))
+        r, q = (int(v) for v in rng.integers(1, n - L, 2))
+        kind = c % 4
+        if kind == 0:
+            x[i, 0, r : r + w, q : q + L] = 1
+        elif kind == 1:
+            x[i, 0, r : r + L, q : q + w] = 1
+        else:
+            x[i, 0, r : r + L, q : q + L] = 1
+            if kind == 3:
+                x[i, 0, r + w : r + L - w, q + w : q + L - w] = 0
+    x += 0.05 * rng.standard_normal(x.shape).astype(np.float32)
+    return x, y.astype(np.int64)

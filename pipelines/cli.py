@@ -1,4 +1,4 @@
-"""``mscnn`` command line: ``mscnn demo`` (more subcommands arrive with the Ray pipeline)."""
+"""``mscnn`` command line: ``mscnn demo``, ``mscnn pyramid``."""
 
 from __future__ import annotations
 
@@ -42,6 +42,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pyramid(args: argparse.Namespace) -> int:
+    """Build an image pyramid with Ray Data (idempotent; see pipelines/pyramid.py)."""
+    import logging
+    import os
+
+    import ray
+
+    from pipelines.config import load_config, parse_overrides
+    from pipelines.pyramid import PyramidConfig, build_pyramid
+
+    overrides = parse_overrides(args.set or [])
+    if args.data_dir:
+        overrides["source.path"] = args.data_dir
+    cfg = load_config(args.config, PyramidConfig, overrides)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not ray.is_initialized():
+        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
+    path, built = build_pyramid(cfg, args.out)
+    Console().print(f"pyramid {'built' if built else 'already up to date, nothing done'}: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mscnn", description="Multiscale training of CNNs")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -51,10 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--epochs", type=int, default=2)
     demo.add_argument("--pairs", nargs="+", default=["full-weighting", "average"])
     demo.set_defaults(func=_demo)
+    pyr = sub.add_parser("pyramid", help="build an image pyramid (Parquet shards) with Ray Data")
+    pyr.add_argument("--config", required=True, help="YAML file, e.g. configs/pyramid_mnist.yaml")
+    pyr.add_argument("--out", default="outputs/pyramids", help="folder (or shared path) of pyramids")
+    pyr.add_argument("--data-dir", help="source folder (overrides source.path)")
+    pyr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    pyr.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config fields")
+    pyr.set_defaults(func=_pyramid)
     args = ap.parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         Console(stderr=True).print(f"[red]error:[/] {e}")
         return 2
 

@@ -1,0 +1,316 @@
+"""Image pyramids on Ray Data: source -> (Gaussian blur + restriction) per level -> Parquet shards.
+
+Layout of a pyramid ``<out>/<name>/``::
+
+    manifest.json                          source + checksums, seed, levels (n, h), counts per split
+                                           and class, normalisation, sigma, pair, config hash, versions
+    level=<k>/split=<split>/part-*.parquet image (Arrow fixed-shape tensor, float32 C x n x n),
+                                           label (int64), index (int64)
+
+Level 0 holds the source images scaled to [0, 1]; level k is
+``restrict_image(gaussian_blur(level k-1, sigma), pair)`` computed in ``map_batches`` by the plain
+function ``next_level``. A pyramid is built in a temporary folder beside its target and renamed
+when whole; the same config again does no work, and a different pyramid is never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mscnn import data as mdata
+from mscnn.transfer import gaussian_blur, get_pair, restrict_image
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PyramidConfig",
+    "SourceConfig",
+    "build_pyramid",
+    "level_tensors",
+    "load_level",
+    "next_level",
+    "read_manifest",
+]
+
+SPLITS = ("train", "val", "test")
+
+
+class SourceConfig(BaseModel):
+    """Where the images come from."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["mnist", "folder", "synthetic"]
+    path: str | None = None  # mnist: folder of the IDX files; folder: root with train/ (and val/)
+    size: int = 28  # folder: square size to resize to; synthetic: n
+    count: int = 1000  # synthetic: images in all (split by val_fraction/test_fraction)
+    classes: int = 4  # synthetic
+    limit: int | None = None  # take only the first `limit` images of each file/split (subsets)
+
+
+class PyramidConfig(BaseModel):
+    """A pyramid: its name, source, levels and transfer. Validated; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    source: SourceConfig
+    levels: int = Field(3, ge=1, le=8)
+    sigma: float = Field(1.0, ge=0)
+    pair: str = "full-weighting"
+    seed: int = 0
+    n_val: int | None = 10_000  # mnist: validation images taken from the training file
+    val_fraction: float = Field(0.2, gt=0, lt=1)  # synthetic / folder without val/
+    shard_rows: int = Field(10_000, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> PyramidConfig:
+        get_pair(self.pair)
+        return self
+
+    def config_hash(self, checksums: dict[str, str]) -> str:
+        blob = json.dumps({"config": self.model_dump(exclude={"name"}), "checksums": checksums},
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def next_level(batch: dict[str, np.ndarray], sigma: float, pair: str) -> dict[str, np.ndarray]:
+    """One pyramid step on a numpy batch: ``image (B, C, n, n) -> (B, C, n/2, n/2)``,
+    ``restrict_image(gaussian_blur(image, sigma), pair)``; other columns pass through."""
+    x = torch.from_numpy(np.array(batch["image"], dtype=np.float32))
+    out = dict(batch)
+    out["image"] = restrict_image(gaussian_blur(x, sigma), pair).numpy()
+    return out
+
+
+# ---------------------------------------------------------------- sources -> in-memory splits
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _split_perm(count: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(count)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _load_source(cfg: PyramidConfig) -> tuple[dict, dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """``(source_info, checksums, {split: (images uint8/float32 (N, C, n, n), labels)})``.
+    Everything that can be wrong with the input is found here, before any Ray work."""
+    src = cfg.source
+    if src.kind == "mnist":
+        d = mdata.find_mnist_dir(src.path)
+        files = [d / f for pair in mdata.MNIST_FILES.values() for f in pair]
+        checksums = {f.name: _sha256(f) for f in files}
+        arrays = {}
+        for split, (img_f, lab_f) in mdata.MNIST_FILES.items():
+            x, y = mdata.read_idx(d / img_f), mdata.read_idx(d / lab_f)
+            if len(x) != len(y):
+                raise ValueError(f"{d / img_f} has {len(x)} images but {d / lab_f} has {len(y)} labels")
+            arrays[split] = (x[:, None], y.astype(np.int64))
+        x, y = arrays["train"]
+        n_val = cfg.n_val if cfg.n_val is not None else int(len(y) * cfg.val_fraction)
+        tr, va = _split_perm(len(y), n_val, cfg.seed)
+        splits = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": arrays["test"]}
+        info = {"kind": "mnist", "path": str(d), "classes": [str(i) for i in range(10)]}
+    elif src.kind == "folder":
+        if not src.path:
+            raise ValueError("source.path: required for kind 'folder'")
+        root = Path(src.path)
+        parts = {s: root / s for s in SPLITS if (root / s).is_dir()}
+        if "train" not in parts:
+            raise ValueError(f"source.path: {root} has no train/ sub-folder")
+        splits, checksums, classes = {}, {}, None
+        for split, folder in parts.items():
+            cls, items = mdata.list_image_folder(folder)
+            if classes is not None and cls != classes:
+                raise ValueError(f"{folder}: classes {cls} differ from train/'s {classes}")
+            classes = cls
+            items = items[: src.limit] if src.limit else items
+            imgs = np.stack([mdata.read_image(f, src.size) for f, _ in items])
+            checksums.update({str(f.relative_to(root)): _sha256(f) for f, _ in items})
+            splits[split] = (imgs, np.array([lab for _, lab in items], np.int64))
+        if "val" not in splits:
+            x, y = splits["train"]
+            tr, va = _split_perm(len(y), int(len(y) * cfg.val_fraction), cfg.seed)
+            splits = {"train": (x[tr], y[tr]), "val": (x[va], y[va])}
+        info = {"kind": "folder", "path": str(root), "classes": classes, "size": src.size}
+    else:
+        x, y = mdata.synthetic(src.count, src.size, cfg.seed, src.classes)
+        checksums = {"synthetic": hashlib.sha256(x.tobytes()).hexdigest()}
+        tr, va = _split_perm(len(y), int(len(y) * cfg.val_fraction), cfg.seed)
+        splits = {"train": (x[tr], y[tr]), "val": (x[va], y[va])}
+        info = {"kind": "synthetic", "classes": [str(i) for i in range(src.classes)]}
+    if src.limit and src.kind != "folder":
+        splits = {k: (x[: src.limit], y[: src.limit]) for k, (x, y) in splits.items()}
+    n = next(iter(splits.values()))[0].shape[-1]
+    if n % 2 ** (cfg.levels - 1):
+        raise ValueError(
+            f"levels: image size {n} is not divisible by 2**{cfg.levels - 1} "
+            f"({cfg.levels} levels need {cfg.levels - 1} restrictions)"
+        )
+    return info, checksums, splits
+
+
+def _to_unit(x: np.ndarray) -> np.ndarray:
+    return (x.astype(np.float32) / 255.0) if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+def _arrow_blocks(x: np.ndarray, y: np.ndarray, rows: int, split: str) -> list[pa.Table]:
+    from ray.data.extensions import ArrowTensorArray
+
+    out = []
+    for i in range(0, len(y), rows):
+        xi = _to_unit(x[i : i + rows])
+        out.append(pa.table({
+            "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(xi)),
+            "label": pa.array(y[i : i + rows], pa.int64()),
+            "index": pa.array(np.arange(i, i + len(xi), dtype=np.int64)),
+            "split": pa.array([split] * len(xi), pa.string()),
+        }))
+    return out
+
+
+# ---------------------------------------------------------------- build
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    p = Path(root) / "manifest.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"not a pyramid (no manifest.json): {root}")
+    return json.loads(p.read_text())
+
+
+def _versions() -> dict:
+    import ray
+
+    from mscnn import __version__
+
+    return {"mscnn": __version__, "torch": torch.__version__, "ray": ray.__version__,
+            "pyarrow": pa.__version__, "numpy": np.__version__}
+
+
+def build_pyramid(cfg: PyramidConfig, out: str | os.PathLike) -> tuple[Path, bool]:
+    """Build the pyramid ``cfg`` under ``out/<name>`` with Ray Data. Returns ``(path, built)``;
+    ``built`` is False when the same pyramid was already there (nothing is done then)."""
+    import ray
+    from ray.data.datasource import FilenameProvider
+
+    class _Parts(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{task_index:05d}.parquet"
+
+    target = Path(out) / cfg.name
+    info, checksums, splits = _load_source(cfg)
+    chash = cfg.config_hash(checksums)
+    if target.exists():
+        try:
+            old = read_manifest(target).get("config_hash")
+        except (FileNotFoundError, json.JSONDecodeError):
+            old = None
+        if old == chash:
+            log.info("pyramid %s is up to date (config hash %s): nothing to do", target, chash)
+            return target, False
+        raise FileExistsError(
+            f"{target} holds a different pyramid (config hash {old} != {chash}); "
+            "choose another name or remove it"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.name}.tmp-", dir=target.parent))
+    t0 = time.perf_counter()
+    try:
+        if not ray.is_initialized():
+            ray.init()
+        n0 = next(iter(splits.values()))[0].shape[-1]
+        levels = [{"level": k, "n": n0 >> k, "h": 1.0 / (n0 >> k)} for k in range(cfg.levels)]
+        blocks = [b for split, (x, y) in splits.items()
+                  for b in _arrow_blocks(x, y, cfg.shard_rows, split)]
+        ds = ray.data.from_arrow(blocks)
+        for k in range(cfg.levels):  # lazily chained: level k recomputes k cheap steps
+            if k:
+                ds = ds.map_batches(next_level, fn_kwargs={"sigma": cfg.sigma, "pair": cfg.pair},
+                                    batch_format="numpy", batch_size=1024)
+            ds.write_parquet(str(tmp / f"level={k}"), partition_cols=["split"],
+                             filename_provider=_Parts(), mode=ray.data.SaveMode.OVERWRITE)
+        counts = {s: {"total": int(len(y)), "per_class": np.bincount(y, minlength=len(info["classes"]))
+                      .tolist()} for s, (_, y) in splits.items()}
+        manifest = {
+            "name": cfg.name, "config": cfg.model_dump(), "config_hash": chash, "source": info,
+            "checksums": checksums, "seed": cfg.seed, "levels": levels, "channels":
+            int(next(iter(splits.values()))[0].shape[1]), "counts": counts,
+            "normalisation": _normalisation(splits["train"][0]), "sigma": cfg.sigma, "pair": cfg.pair,
+            "versions": _versions(), "build_seconds": time.perf_counter() - t0,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target, True
+
+
+def _normalisation(x: np.ndarray) -> dict:
+    """Per-channel mean and standard deviation of the level-0 training images (in [0, 1]). One
+    normalisation serves every level: a level is the same function on a coarser grid."""
+    s = np.zeros(x.shape[1])
+    s2 = np.zeros(x.shape[1])
+    for i in range(0, len(x), 4096):
+        xi = _to_unit(x[i : i + 4096]).astype(np.float64)
+        s += xi.sum(axis=(0, 2, 3))
+        s2 += (xi**2).sum(axis=(0, 2, 3))
+    count = len(x) * x.shape[2] * x.shape[3]
+    mean = s / count
+    return {"mean": mean.tolist(), "std": np.sqrt(np.maximum(s2 / count - mean**2, 0)).tolist()}
+
+
+# ---------------------------------------------------------------- read
+
+
+def _level_dir(root: str | os.PathLike, level: int, split: str) -> Path:
+    m = read_manifest(root)
+    if not 0 <= level < len(m["levels"]):
+        raise ValueError(f"{root}: level {level} out of range (pyramid has {len(m['levels'])})")
+    d = Path(root) / f"level={level}" / f"split={split}"
+    if not d.is_dir():
+        raise ValueError(f"{root}: no split {split!r} (has {sorted(m['counts'])})")
+    return d
+
+
+def load_level(root: str | os.PathLike, level: int, split: str = "train"):
+    """The shards of one level and split as a ``ray.data.Dataset`` (columns image, label, index).
+    Feed Ray Train with ``datasets={"train": load_level(...)}`` and, on each worker,
+    ``get_dataset_shard("train").iter_torch_batches(batch_size=...)``."""
+    import ray
+
+    return ray.data.read_parquet(str(_level_dir(root, level, split)), partitioning=None)
+
+
+def level_tensors(root: str | os.PathLike, level: int, split: str = "train") -> mdata.Split:
+    """One level and split as in-memory torch tensors, read with pyarrow alone (no Ray):
+    ``x: (N, C, n, n)`` float32 in the order of ``index``, ``y: (N,)`` int64."""
+    import pyarrow.parquet as pq
+
+    d = _level_dir(root, level, split)
+    m = read_manifest(root)
+    n, c = m["levels"][level]["n"], m["channels"]
+    t = pq.read_table(sorted(str(p) for p in d.glob("*.parquet"))).sort_by("index")
+    flat = t.column("image").combine_chunks()
+    storage = flat.storage if hasattr(flat, "storage") else flat
+    x = np.asarray(storage.flatten(), dtype=np.float32).reshape(len(t), c, n, n)
+    return mdata.Split(torch.from_numpy(x.copy()), torch.from_numpy(t.column("label").to_numpy().copy()))

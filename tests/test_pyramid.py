@@ -1,0 +1,159 @@
+"""Image pyramids on a real local Ray (no mocks)."""
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from mscnn.data import find_mnist_dir
+from mscnn.transfer import gaussian_blur, restrict_image
+from pipelines.config import ConfigError, load_config
+from pipelines.pyramid import (
+    PyramidConfig,
+    SourceConfig,
+    build_pyramid,
+    level_tensors,
+    load_level,
+    next_level,
+    read_manifest,
+)
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _syn(name="syn", **kw):
+    src = SourceConfig(kind="synthetic", size=16, count=kw.pop("count", 120), classes=4)
+    kw.setdefault("sigma", 0.8)
+    return PyramidConfig(name=name, source=src, levels=3, shard_rows=50, **kw)
+
+
+def test_next_level_is_blur_then_restrict():
+    x = np.random.default_rng(0).random((3, 2, 8, 8)).astype(np.float32)
+    out = next_level({"image": x, "label": np.arange(3)}, 0.8, "average")
+    want = restrict_image(gaussian_blur(torch.from_numpy(x), 0.8), "average").numpy()
+    np.testing.assert_allclose(out["image"], want)
+    np.testing.assert_array_equal(out["label"], np.arange(3))
+
+
+def test_synthetic_pyramid_content_manifest_and_rebuild(local_ray, tmp_path):
+    cfg = _syn()
+    path, built = build_pyramid(cfg, tmp_path)
+    assert built and path == tmp_path / "syn"
+    m = read_manifest(path)
+    assert [lv["n"] for lv in m["levels"]] == [16, 8, 4]
+    assert m["counts"]["train"]["total"] + m["counts"]["val"]["total"] == 120
+    assert m["counts"]["val"]["total"] == 24 and sum(m["counts"]["train"]["per_class"]) == 96
+    assert m["sigma"] == 0.8 and m["pair"] == "full-weighting" and len(m["config_hash"]) == 16
+    # every level k equals k times restrict(blur(.)) of level 0, for sampled images
+    x0 = level_tensors(path, 0, "train")
+    assert x0.x.shape == (96, 1, 16, 16)
+    idx = torch.tensor([0, 7, 50, 95])
+    want = x0.x[idx]
+    for k in (1, 2):
+        want = restrict_image(gaussian_blur(want, 0.8))
+        got = level_tensors(path, k, "train")
+        torch.testing.assert_close(got.x[idx], want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got.y, x0.y)
+    # the same config again: no work, nothing touched
+    stamp = (path / "manifest.json").stat().st_mtime_ns
+    assert build_pyramid(cfg, tmp_path) == (path, False)
+    assert (path / "manifest.json").stat().st_mtime_ns == stamp
+    # a different config at the same target is refused
+    with pytest.raises(FileExistsError, match="holds a different pyramid"):
+        build_pyramid(_syn(sigma=0.5), tmp_path)
+    # the Ray Data reader: fixed-shape tensor column, batches as torch tensors
+    ds = load_level(path, 1, "val")
+    assert ds.count() == 24
+    batch = next(iter(ds.iter_torch_batches(batch_size=8)))
+    assert batch["image"].shape == (8, 1, 8, 8) and batch["label"].dtype == torch.int64
+    assert sorted(p.name for p in (path / "level=0" / "split=train").iterdir())[0].startswith("part-")
+    with pytest.raises(ValueError, match="level 3 out of range"):
+        load_level(path, 3, "train")
+
+
+def test_crash_mid_build_leaves_no_pyramid(local_ray, tmp_path, monkeypatch):
+    import pipelines.pyramid as pyr
+
+    def boom():
+        raise RuntimeError("simulated crash after the shards were written")
+
+    monkeypatch.setattr(pyr, "_versions", boom)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_pyramid(_syn(name="crash", count=40), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_inputs_fail_before_any_work(tmp_path):
+    # size not divisible by 2**(levels-1)
+    cfg = PyramidConfig(name="x", source=SourceConfig(kind="synthetic", size=12, count=10), levels=4)
+    with pytest.raises(ValueError, match=r"image size 12 is not divisible by 2\*\*3"):
+        build_pyramid(cfg, tmp_path)
+    # image folders: an empty class, then a corrupt JPEG
+    root = tmp_path / "imgs"
+    (root / "train" / "cat").mkdir(parents=True)
+    (root / "train" / "dog").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (10, 10), "red").save(root / "train" / "cat" / "a.jpg")
+    fcfg = PyramidConfig(name="f", source=SourceConfig(kind="folder", path=str(root), size=8), levels=2)
+    with pytest.raises(ValueError, match=r"train/dog: empty class folder"):
+        build_pyramid(fcfg, tmp_path / "out")
+    (root / "train" / "dog" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ValueError, match=r"train/dog/b\.jpg: cannot decode image"):
+        build_pyramid(fcfg, tmp_path / "out")
+    # MNIST: truncated images file
+    d = tmp_path / "mnist"
+    d.mkdir()
+    for f in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        (d / f).write_bytes(gzip.compress(bytes([0, 0, 8, 3, 0, 0, 0, 5, 0, 0, 0, 28, 0, 0, 0, 28]) + b"\0" * 100))
+    for f in ("train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (d / f).write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 5]) + b"\0" * 5))
+    mcfg = PyramidConfig(name="m", source=SourceConfig(kind="mnist", path=str(d)), levels=2)
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz: IDX payload has 100 bytes"):
+        build_pyramid(mcfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_errors_name_file_and_field(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\nsource: {kind: mnist}\nlevels: 0\nsigmaa: 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid PyramidConfig:[\s\S]*levels:[\s\S]*sigmaa"):
+        load_config(p, PyramidConfig)
+    p.write_text("name: x\nsource: {kind: mnist}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid PyramidConfig:[\s\S]*unknown transfer pair 'cubic'"):
+        load_config(p, PyramidConfig, {"pair": "cubic"})
+    assert load_config(p, PyramidConfig, {"source.limit": 5}).source.limit == 5
+
+
+def _mnist_or_skip():
+    try:
+        return find_mnist_dir()
+    except FileNotFoundError as e:
+        pytest.skip(f"real MNIST files not present: {e}")
+
+
+def test_real_mnist_pyramid(local_ray, tmp_path):
+    d = _mnist_or_skip()
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "pyramid_mnist.yaml", PyramidConfig,
+                      {"source.path": str(d), "source.limit": 600})
+    path, built = build_pyramid(cfg, tmp_path)
+    m = read_manifest(path)
+    assert m["checksums"]["train-images-idx3-ubyte.gz"].startswith("440fcabf73cc546f")
+    assert m["checksums"]["t10k-labels-idx1-ubyte.gz"].startswith("f7ae60f92e00ec6d")
+    assert {s: c["total"] for s, c in m["counts"].items()} == {"train": 600, "val": 600, "test": 600}
+    assert [lv["n"] for lv in m["levels"]] == [28, 14, 7]
+    test7 = level_tensors(path, 2, "test")
+    assert test7.y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert test7.x.shape == (600, 1, 7, 7)
+    json.dumps(m)  # plain JSON
