@@ -116,7 +116,8 @@ def test_bad_inputs_fail_before_any_work(tmp_path):
     d = tmp_path / "mnist"
     d.mkdir()
     for f in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
-        (d / f).write_bytes(gzip.compress(bytes([0, 0, 8, 3, 0, 0, 0, 5, 0, 0, 0, 28, 0, 0, 0, 28]) + b"\0" * 100))
+        head = bytes([0, 0, 8, 3, 0, 0, 0, 5, 0, 0, 0, 28, 0, 0, 0, 28])
+        (d / f).write_bytes(gzip.compress(head + b"\0" * 100))
     for f in ("train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         (d / f).write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 5]) + b"\0" * 5))
     mcfg = PyramidConfig(name="m", source=SourceConfig(kind="mnist", path=str(d)), levels=2)
@@ -131,7 +132,8 @@ def test_config_errors_name_file_and_field(tmp_path):
     with pytest.raises(ConfigError, match=r"bad\.yaml: invalid PyramidConfig:[\s\S]*levels:[\s\S]*sigmaa"):
         load_config(p, PyramidConfig)
     p.write_text("name: x\nsource: {kind: mnist}\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid PyramidConfig:[\s\S]*unknown transfer pair 'cubic'"):
+    msg = r"bad\.yaml: invalid PyramidConfig:[\s\S]*unknown transfer pair 'cubic'"
+    with pytest.raises(ConfigError, match=msg):
         load_config(p, PyramidConfig, {"pair": "cubic"})
     assert load_config(p, PyramidConfig, {"source.limit": 5}).source.limit == 5
 
