@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from mscnn.ode import ODENetConfig
+from pipelines.pyramid import PyramidConfig
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -35,7 +46,7 @@ def load_config(path: str | os.PathLike, model: type[M], overrides: dict | None 
             node = node.setdefault(p, {})
         node[last] = value
     try:
-        return model.model_validate(raw)
+        return model.model_validate(raw, context={"base": str(path.parent)})
     except ValidationError as e:
         lines = [f"{path}: invalid {model.__name__}:"]
         for err in e.errors():
@@ -53,3 +64,103 @@ def parse_overrides(items: list[str]) -> dict:
         k, v = item.split("=", 1)
         out[k] = yaml.safe_load(v)
     return out
+
+
+# ---------------------------------------------------------------- schedules
+
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimConfig(_Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-2, gt=0)
+    batch_size: int = Field(128, ge=1)
+    cosine: bool = True  # anneal the learning rate to 0 over the level's epochs
+
+
+class ModelConfig(_Strict):
+    """The ``ODENetConfig`` fields that do not change between levels (n and steps do)."""
+
+    in_channels: int = 1
+    channels: int | list[int] = 16
+    T: float = 2.0
+    classes: int = 10
+    activation: str = "tanh"
+    pair: str = "full-weighting"
+    classifier: Literal["quadrature", "pool"] = "quadrature"
+
+
+class LevelConfig(_Strict):
+    """One stage: train at resolution ``n`` with ``steps`` Euler steps per unit. It starts from the
+    previous level's best checkpoint moved by ``to_resolution`` (when ``n`` changes) and
+    ``to_depth`` (when ``steps`` changes) -- or from random weights with ``init: random``."""
+
+    n: int = Field(ge=1)
+    steps: int | list[int] = 2
+    epochs: int = Field(1, ge=1)
+    optim: OptimConfig = OptimConfig()
+    patience: int | None = Field(None, ge=1)  # early stopping on val accuracy, in epochs
+    init: Literal["transfer", "random"] = "transfer"
+    naive: bool = False  # to_resolution(naive=True): keep the stencils, move only W
+
+
+class ScalingModel(_Strict):
+    num_workers: int = Field(1, ge=0)  # 0: run in the driver (fast tests; no checkpoints persisted)
+    use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs when the cluster has them
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class ScheduleConfig(_Strict):
+    """An ordered list of levels trained one after another, each a Ray Train stage."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["single", "multiscale", "depth"]
+    pyramid: PyramidConfig
+    pyramid_root: str = "outputs/pyramids"
+    model: ModelConfig = ModelConfig()
+    levels: list[LevelConfig] = Field(min_length=1)
+    scaling: ScalingModel = ScalingModel()
+    max_failures: int = Field(1, ge=-1)
+    materialize_data: bool = True  # read each level into the object store once; False: stream
+    storage_path: str = "outputs/ray_results"  # shared path or URI on a cluster
+    experiment: str = "mscnn"
+    seed: int = 0
+
+    @field_validator("pyramid", mode="before")
+    @classmethod
+    def _pyramid_file(cls, v, info: ValidationInfo):
+        if isinstance(v, str):  # a path to a pyramid YAML, relative to the schedule's file
+            p = Path(v)
+            base = (info.context or {}).get("base")
+            if not p.is_absolute() and base and not p.exists():
+                p = Path(base) / p
+            try:
+                return yaml.safe_load(p.read_text())
+            except FileNotFoundError:
+                raise ValueError(f"pyramid file not found: {p}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _check_levels(self) -> ScheduleConfig:
+        for i, _ in enumerate(self.levels):
+            try:
+                self.model_config_for(i)
+            except ValueError as e:
+                raise ValueError(f"levels.{i}: {e}") from None
+        return self
+
+    def model_config_for(self, i: int) -> ODENetConfig:
+        lv = self.levels[i]
+        m = self.model.model_dump()
+        return ODENetConfig(**m, n=lv.n, steps=lv.steps)
+
+    def config_hash(self) -> str:
+        import hashlib
+        import json
+
+        blob = json.dumps(self.model_dump(exclude={"storage_path", "experiment", "scaling"}),
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]

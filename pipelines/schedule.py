@@ -1,0 +1,176 @@
+"""A schedule: levels trained one after another, each a Ray Train stage (``pipelines.stage``).
+
+Between levels the driver loads the stage's best checkpoint, moves it with ``mscnn.hierarchy``
+(``to_resolution`` when n changes, ``to_depth`` when the steps change), writes it as the next
+stage's initial checkpoint (with lineage) and starts that stage from it. A one-level schedule is
+the single-scale baseline: the same code path.
+
+Storage: ``<storage_path>/<name>-<config hash>/`` holds one Ray Train run per stage (named
+``<name>-<hash>-L<i>-n<n>-N<steps>``, so rerunning resumes it), ``L<i>.init`` (the incoming
+checkpoint), ``L<i>.best`` and ``L<i>.done.json`` (the stage's outcome). Rerunning a schedule skips
+every level with a ``done.json`` and resumes at the first unfinished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mscnn.checkpoint import load_checkpoint, save_checkpoint
+from mscnn.hierarchy import to_depth, to_resolution
+from mscnn.ode import ODENet
+from pipelines.config import ScheduleConfig
+from pipelines.pyramid import build_pyramid, read_manifest
+from pipelines.stage import StageSpec, run_stage
+from pipelines.tracking import Tracker
+
+__all__ = ["run_schedule", "stage_name"]
+
+
+def stage_name(cfg: ScheduleConfig, i: int) -> str:
+    lv = cfg.levels[i]
+    steps = lv.steps if isinstance(lv.steps, int) else "-".join(map(str, lv.steps))
+    return f"L{i}-n{lv.n}-N{steps}"
+
+
+def _pyramid_level(manifest: dict, n: int, where: str) -> int:
+    for lv in manifest["levels"]:
+        if lv["n"] == n:
+            return lv["level"]
+    have = [lv["n"] for lv in manifest["levels"]]
+    raise ValueError(f"{where}: n={n} is not a level of pyramid {manifest['name']} (has n in {have})")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+
+
+def _transfer(prev: ODENet, cfg: ScheduleConfig, i: int) -> tuple[ODENet, list[str]]:
+    lv, target = cfg.levels[i], cfg.model_config_for(i)
+    model, done = prev, []
+    if model.config.n != target.n:
+        model = to_resolution(model, target.n, naive=lv.naive)
+        done.append(f"to_resolution({target.n}{', naive' if lv.naive else ''})")
+    if model.config.unit_steps != target.unit_steps:
+        model = to_depth(model, target.unit_steps)
+        done.append(f"to_depth({target.unit_steps})")
+    return model, done
+
+
+def run_schedule(cfg: ScheduleConfig, log: Callable[[str], None] = print,
+                 extra: dict | None = None) -> dict:
+    """Run (or resume) every level of ``cfg``; returns the results (also ``results.json``).
+    ``extra`` is merged into every stage's ``train_loop_config`` (test-only switches)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    chash = cfg.config_hash()
+    run_dir = Path(cfg.storage_path).resolve() / f"{cfg.name}-{chash}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pyramid, built = build_pyramid(cfg.pyramid, Path(cfg.pyramid_root).resolve())
+    log(f"pyramid {pyramid} ({'built' if built else 'up to date'})")
+    manifest = read_manifest(pyramid)
+    levels = [_pyramid_level(manifest, lv.n, f"levels.{i}.n") for i, lv in enumerate(cfg.levels)]
+
+    tracker = Tracker(cfg.experiment)
+    ids_file = run_dir / "mlflow.json"
+    ids = json.loads(ids_file.read_text()) if ids_file.exists() else {}
+    if "parent" not in ids:
+        ids["parent"] = tracker.start_run(
+            cfg.name, tags={"kind": cfg.kind, "config_hash": chash, "schedule": cfg.name},
+            params=cfg.model_dump(exclude={"pyramid"}) | {"pyramid": pyramid.name})
+        tracker.log_dict(ids["parent"], cfg.model_dump(), "config.json")
+        _write_json(ids_file, ids)
+
+    ref = cfg.model_config_for(len(cfg.levels) - 1)  # the finest/deepest level: compute unit
+    ref_cost = ref.n**2 * sum(ref.unit_steps)
+    outcomes: list[dict] = []
+    prev: ODENet | None = None
+    epoch_offset, wallclock, compute = 0, 0.0, 0.0
+    t_start = time.perf_counter()
+    for i, lv in enumerate(cfg.levels):
+        name = stage_name(cfg, i)
+        done_file = run_dir / f"{name}.done.json"
+        if done_file.exists():
+            out = json.loads(done_file.read_text())
+            log(f"[{i + 1}/{len(cfg.levels)}] {name}: finished before, skipped "
+                f"(best val accuracy {out['best_val_accuracy']:.4f})")
+        else:
+            mcfg = cfg.model_config_for(i)
+            init, lineage = None, {"schedule": cfg.name, "config_hash": chash, "stage": name,
+                                   "level": i, "from": None, "transfers": []}
+            if prev is not None and lv.init == "transfer":
+                moved, transfers = _transfer(prev, cfg, i)
+                lineage |= {"from": outcomes[-1]["checkpoint"], "transfers": transfers}
+                init = str(save_checkpoint(run_dir / f"{name}.init", moved, lineage))
+            log(f"[{i + 1}/{len(cfg.levels)}] {name}: {lv.epochs} epoch(s) at {lv.n}x{lv.n}, "
+                f"steps {mcfg.unit_steps}, from {' + '.join(lineage['transfers']) or lv.init}")
+            run_id = ids.get(name) or tracker.start_run(
+                name, parent_id=ids["parent"],
+                tags={"kind": cfg.kind, "config_hash": chash, "stage": name, "level": str(i)},
+                params={"n": lv.n, "steps": mcfg.unit_steps, "epochs": lv.epochs,
+                        "optim": lv.optim.model_dump(), "patience": lv.patience, "init": lv.init,
+                        "transfers": lineage["transfers"], "pyramid_level": levels[i]})
+            ids[name] = run_id
+            _write_json(ids_file, ids)
+            spec = StageSpec(
+                name=f"{cfg.name}-{chash}-{name}", model=mcfg, level=levels[i], epochs=lv.epochs,
+                optim=lv.optim.model_dump(), patience=lv.patience, seed=cfg.seed + i,
+                init_checkpoint=init, lineage=lineage, epoch_offset=epoch_offset,
+                wallclock_offset=wallclock, compute_offset=compute,
+                compute_per_epoch=mcfg.n**2 * sum(mcfg.unit_steps) / ref_cost, extra=extra or {})
+            mlflow = {"uri": tracker.uri, "experiment": cfg.experiment, "run_id": run_id}
+            result = run_stage(spec, str(pyramid), str(run_dir), cfg.scaling.model_dump(),
+                               cfg.max_failures, mlflow, cfg.materialize_data)
+            if result.error:
+                tracker.end_run(run_id, "FAILED")
+                tracker.end_run(ids["parent"], "FAILED")
+                raise RuntimeError(f"stage {name} failed: {result.error}")
+            best = result.get_best_checkpoint(metric="val_accuracy", mode="max")
+            with best.as_directory() as d:
+                model, _ = load_checkpoint(Path(d) / "model")
+            with result.checkpoint.as_directory() as d:  # the latest: the whole history
+                state = json.loads((Path(d) / "train_state.json").read_text())
+            history = state["history"]
+            best_dir = save_checkpoint(run_dir / f"{name}.best", model,
+                                       {**lineage, "best_of": best.path})
+            last = history[-1]
+            out = {"stage": name, "level": i, "n": lv.n, "steps": mcfg.unit_steps,
+                   "epochs_run": len(history), "best_val_accuracy": max(h["val_accuracy"]
+                                                                        for h in history),
+                   "seconds": state["seconds"], "checkpoint": str(best_dir), "history": history,
+                   "wallclock_end": last["wallclock"], "compute_end": last["fine_equiv_epochs"],
+                   "global_epoch_end": last["global_epoch"] + 1}
+            tracker.log_metrics(run_id, {"best_val_accuracy": out["best_val_accuracy"],
+                                         "epochs_run": out["epochs_run"]}, step=out["global_epoch_end"])
+            tracker.log_artifacts(run_id, best_dir, "checkpoint")
+            tracker.end_run(run_id)
+            _write_json(done_file, out)
+            log(f"    best val accuracy {out['best_val_accuracy']:.4f} after {out['epochs_run']} "
+                f"epoch(s), {out['seconds']:.0f} s")
+        outcomes.append(out)
+        prev, _ = load_checkpoint(out["checkpoint"])
+        epoch_offset, wallclock = out["global_epoch_end"], out["wallclock_end"]
+        compute = out["compute_end"]
+
+    final = outcomes[-1]
+    results = {"schedule": cfg.name, "kind": cfg.kind, "config_hash": chash,
+               "final_val_accuracy": final["best_val_accuracy"],
+               "train_seconds": sum(o["seconds"] for o in outcomes),
+               "fine_equiv_epochs": compute, "stages": outcomes,
+               "driver_seconds": time.perf_counter() - t_start, "checkpoint": final["checkpoint"],
+               "mlflow_parent_run_id": ids["parent"]}
+    _write_json(run_dir / "results.json", results)
+    tracker.log_metrics(ids["parent"], {"final_val_accuracy": results["final_val_accuracy"],
+                                        "train_seconds": results["train_seconds"],
+                                        "fine_equiv_epochs": compute}, step=epoch_offset)
+    tracker.log_artifacts(ids["parent"], run_dir / "results.json")
+    tracker.log_artifacts(ids["parent"], final["checkpoint"], "final_checkpoint")
+    tracker.end_run(ids["parent"])
+    return results
