@@ -20,7 +20,7 @@ from mscnn.ode import ODENet
 from mscnn.train import accuracy, fit
 from mscnn.transfer import gaussian_blur, restrict_image
 
-__all__ = ["CrossResConfig", "coarsen", "cross_resolution"]
+__all__ = ["CrossResConfig", "coarsen", "cross_resolution", "transfer_rows"]
 
 
 @dataclass(frozen=True)
@@ -65,26 +65,36 @@ def cross_resolution(
         fit(net, data, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed)
         return net, time.perf_counter() - t0
 
-    rows = []
-
-    def add(pair, direction, method, acc, seconds=None):
-        rows.append(dict(pair=pair, direction=direction, method=method, accuracy=acc,
-                         seconds=seconds, seed=cfg.seed))
-        log(f"  {pair:15s} {direction:13s} {method:9s} {100 * acc:6.2f}%")
-
     log(f"training the fine network ({cfg.n}x{cfg.n}, {cfg.epochs} epochs, {len(train)} images)")
     fine, t_fine = train_net(cfg.n, train, cfg.pairs[0])
-    acc_fine = accuracy(fine, evaluate)
+    rows = []
     for pair in cfg.pairs:
         tr_c, ev_c = (coarsen(d, cfg.levels, cfg.sigma, pair) for d in (train, evaluate))
         log(f"training the coarse network ({n_c}x{n_c}, pair {pair})")
         coarse, t_coarse = train_net(n_c, tr_c, pair)
-        add(pair, "fine", "native", acc_fine, t_fine)
-        add(pair, "coarse", "native", accuracy(coarse, ev_c), t_coarse)
-        for naive in (False, True):
-            method = "naive" if naive else "galerkin"
-            up = to_resolution(coarse, cfg.n, naive=naive, pair=pair)
-            add(pair, "coarse->fine", method, accuracy(up, evaluate))
-            down = to_resolution(fine, n_c, naive=naive, pair=pair)
-            add(pair, "fine->coarse", method, accuracy(down, ev_c))
+        new = transfer_rows(fine, coarse, evaluate, ev_c, pair)
+        for r in new:
+            r |= {"seed": cfg.seed, "seconds": {"fine": t_fine, "coarse": t_coarse}.get(r["direction"])}
+            log(f"  {pair:15s} {r['direction']:13s} {r['method']:9s} {100 * r['accuracy']:6.2f}%")
+        rows += new
+    return rows
+
+
+def transfer_rows(fine: ODENet, coarse: ODENet, fine_eval: Split, coarse_eval: Split,
+                  pair: str) -> list[dict]:
+    """Native accuracy of both networks, and each moved to the other's resolution with Galerkin
+    stencils and naively (``pair`` for both stencils and ``W``). Rows ``{pair, direction, method,
+    accuracy}``."""
+    rows = [
+        dict(pair=pair, direction="fine", method="native", accuracy=accuracy(fine, fine_eval)),
+        dict(pair=pair, direction="coarse", method="native", accuracy=accuracy(coarse, coarse_eval)),
+    ]
+    for naive in (False, True):
+        method = "naive" if naive else "galerkin"
+        up = to_resolution(coarse, fine.n, naive=naive, pair=pair)
+        rows.append(dict(pair=pair, direction="coarse->fine", method=method,
+                         accuracy=accuracy(up, fine_eval)))
+        down = to_resolution(fine, coarse.n, naive=naive, pair=pair)
+        rows.append(dict(pair=pair, direction="fine->coarse", method=method,
+                         accuracy=accuracy(down, coarse_eval)))
     return rows

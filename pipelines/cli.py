@@ -1,53 +1,127 @@
-"""``mscnn`` command line: ``mscnn demo``, ``mscnn pyramid``."""
+"""``mscnn`` command line: ``demo``, ``pyramid``, ``train``, ``evaluate``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _ray_init(address: str | None, quiet: bool = False) -> None:
+    """Join ``address`` / ``RAY_ADDRESS``, or start a local Ray. ``quiet``: keep the workers' and
+    Ray Data's log lines out of the terminal (they stay in /tmp/ray/session_*/logs)."""
+    import logging
+
+    import ray
+
+    if quiet:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        for name in ("ray.data", "ray.train"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        kw = {} if address else {"include_dashboard": False}
+        ray.init(address=address, log_to_driver=not quiet, **kw)
+
+
+def _load_schedule(path, sets: list[str] | None, data_dir: str | None):
+    from pipelines.config import ScheduleConfig, load_config, parse_overrides
+
+    overrides = parse_overrides(sets or [])
+    cfg = load_config(path, ScheduleConfig, overrides)
+    if data_dir:
+        cfg = cfg.model_copy(update={"pyramid": cfg.pyramid.model_copy(
+            update={"source": cfg.pyramid.source.model_copy(update={"path": data_dir})})})
+    return cfg
+
+
+def _schedule_table(results: list[dict]) -> Table:
+    table = Table(title="Schedules")
+    for col in ("schedule", "kind", "levels (n x epochs)", "final val acc", "train s",
+                "fine-equiv epochs"):
+        table.add_column(col)
+    for r in results:
+        levels = " -> ".join(f"{s['n']}x{s['epochs_run']}" + (f" N{sum(s['steps'])}" if r["kind"] ==
+                             "depth" else "") for s in r["stages"])
+        table.add_row(r["schedule"], r["kind"], levels, f"{100 * r['final_val_accuracy']:.2f}%",
+                      f"{r['train_seconds']:.0f}", f"{r['fine_equiv_epochs']:.2f}")
+    return table
+
+
+def _crossres_table(rows: list[dict]) -> Table:
+    table = Table(title="Classification across resolutions, no retraining (val)")
+    for col in ("pair", "images", "network", "method", "accuracy"):
+        table.add_column(col)
+    label = {"fine": ("fine", "trained fine"), "coarse": ("coarse", "trained coarse"),
+             "coarse->fine": ("fine", "coarse, prolonged"), "fine->coarse": ("coarse", "fine, restricted")}
+    for r in rows:
+        images, net = label[r["direction"]]
+        table.add_row(r["pair"], images, net, r["method"], f"{100 * r['accuracy']:.2f}%")
+    return table
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Run (or resume) a schedule: each level a Ray Train stage, tracked in MLflow."""
+    from pipelines.schedule import run_schedule
+
+    cfg = _load_schedule(args.config, args.set, args.data_dir)
+    _ray_init(args.address)
+    console = Console()
+    result = run_schedule(cfg, log=console.print)
+    console.print(_schedule_table([result]))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """Cross-resolution evaluation of a fine and a coarse checkpoint (paper Sec. 4.1)."""
+    from pipelines.evaluate import evaluate_checkpoints
+
+    rows = evaluate_checkpoints(args.fine, args.coarse, args.pyramid, args.split, args.pairs)
+    Console().print(_crossres_table(rows))
+    return 0
+
 
 def _demo(args: argparse.Namespace) -> int:
-    """Cross-resolution demo on real MNIST: train at 14x14 and 28x28, move each network to the
-    other resolution with Galerkin stencils (and naively), and print the accuracies."""
-    from mscnn.crossres import CrossResConfig, cross_resolution
-    from mscnn.data import Split, mnist_splits
+    """The main job: MNIST pyramid, single-scale and multiscale schedules on Ray Train, the
+    cross-resolution evaluation, one comparison table, and where to look in MLflow."""
+    from pipelines.evaluate import evaluate_checkpoints
+    from pipelines.schedule import run_schedule
+    from pipelines.tracking import tracking_uri
 
     console = Console()
     t0 = time.perf_counter()
-    data = mnist_splits(args.data_dir)
-    train = Split(data["train"].x[: args.train_count], data["train"].y[: args.train_count])
-    cfg = CrossResConfig(epochs=args.epochs, pairs=tuple(args.pairs))
-    console.print(
-        f"[bold]mscnn demo[/]: MNIST {cfg.n}x{cfg.n} <-> {cfg.n // 2}x{cfg.n // 2}, "
-        f"{len(train)} training images, {cfg.epochs} epoch(s), validation on the last 10,000"
-    )
-    rows = cross_resolution(train, data["val"], cfg, log=console.print)
-    table = Table(title="Classification across resolutions, no retraining")
-    for col in ("pair", "images", "network", "method", "val accuracy"):
-        table.add_column(col)
-    label = {"fine": ("28x28", "trained at 28"), "coarse": ("14x14", "trained at 14"),
-             "coarse->fine": ("28x28", "14 -> 28"), "fine->coarse": ("14x14", "28 -> 14")}
-    for r in rows:
-        if r["pair"] != cfg.pairs[0] and r["direction"] == "fine":
-            continue
-        images, net = label[r["direction"]]
-        table.add_row(r["pair"], images, net, r["method"], f"{100 * r['accuracy']:.2f}%")
-    console.print(table)
-    console.print(f"done in {time.perf_counter() - t0:.0f} s. Full table over seeds: "
-                  "python benchmarks/cross_resolution.py")
+    names = ("mnist_single", "mnist_multiscale") if args.full else ("demo_single", "demo_multiscale")
+    cfgs = [_load_schedule(CONFIGS / f"{n}.yaml", args.set, args.data_dir) for n in names]
+    console.print(f"[bold]mscnn demo[/] ({'full protocol' if args.full else 'demo subset'}): "
+                  f"{', '.join(c.name for c in cfgs)} on Ray Train; tracking in {tracking_uri()}")
+    _ray_init(args.address, quiet=not args.verbose)
+    results = []
+    for cfg in cfgs:
+        console.rule(f"{cfg.name} ({cfg.kind})")
+        results.append(run_schedule(cfg, log=console.print))
+    single, multi = results
+    pyramid = Path(cfgs[0].pyramid_root).resolve() / cfgs[0].pyramid.name
+    console.rule("cross-resolution evaluation")
+    rows = evaluate_checkpoints(single["checkpoint"], multi["stages"][0]["checkpoint"], pyramid,
+                                tags={"demo": "true"})
+    console.print(_schedule_table(results))
+    console.print(_crossres_table(rows))
+    uri = tracking_uri()
+    console.print(f"done in {time.perf_counter() - t0:.0f} s. Open MLflow with:\n"
+                  f"  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     return 0
 
 
 def _pyramid(args: argparse.Namespace) -> int:
     """Build an image pyramid with Ray Data (idempotent; see pipelines/pyramid.py)."""
     import logging
-    import os
-
-    import ray
 
     from pipelines.config import load_config, parse_overrides
     from pipelines.pyramid import PyramidConfig, build_pyramid
@@ -57,8 +131,7 @@ def _pyramid(args: argparse.Namespace) -> int:
         overrides["source.path"] = args.data_dir
     cfg = load_config(args.config, PyramidConfig, overrides)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not ray.is_initialized():
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
+    _ray_init(args.address)
     path, built = build_pyramid(cfg, args.out)
     Console().print(f"pyramid {'built' if built else 'already up to date, nothing done'}: {path}")
     return 0
@@ -67,12 +140,28 @@ def _pyramid(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mscnn", description="Multiscale training of CNNs")
     sub = ap.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="cross-resolution demo on MNIST (about a minute on 2 CPUs)")
+    demo = sub.add_parser("demo", help="the main job: pyramid, single vs multiscale on Ray Train, "
+                          "cross-resolution evaluation, MLflow (under 10 minutes on 2 CPUs)")
+    demo.add_argument("--full", action="store_true", help="the paper's protocol (all of MNIST)")
     demo.add_argument("--data-dir", help="folder with the MNIST IDX files (or MSCNN_DATA_DIR)")
-    demo.add_argument("--train-count", type=int, default=10_000)
-    demo.add_argument("--epochs", type=int, default=2)
-    demo.add_argument("--pairs", nargs="+", default=["full-weighting", "average"])
+    demo.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    demo.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override schedule fields")
+    demo.add_argument("--verbose", action="store_true", help="show Ray's worker and data logs")
     demo.set_defaults(func=_demo)
+    train = sub.add_parser("train", help="run or resume a schedule (configs/*.yaml) on Ray Train")
+    train.add_argument("--config", required=True)
+    train.add_argument("--data-dir", help="pyramid source folder (overrides pyramid.source.path)")
+    train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    train.add_argument("--set", nargs="*", metavar="KEY=VALUE",
+                       help="override fields, e.g. levels.0.epochs=1 scaling.num_workers=2")
+    train.set_defaults(func=_train)
+    ev = sub.add_parser("evaluate", help="cross-resolution table of a fine and a coarse checkpoint")
+    ev.add_argument("--fine", required=True, help="checkpoint folder of the fine-trained network")
+    ev.add_argument("--coarse", required=True, help="checkpoint folder of the coarse-trained network")
+    ev.add_argument("--pyramid", required=True, help="pyramid folder holding both resolutions")
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--pairs", nargs="+", help="transfer pairs (default: the pyramid's)")
+    ev.set_defaults(func=_evaluate)
     pyr = sub.add_parser("pyramid", help="build an image pyramid (Parquet shards) with Ray Data")
     pyr.add_argument("--config", required=True, help="YAML file, e.g. configs/pyramid_mnist.yaml")
     pyr.add_argument("--out", default="outputs/pyramids", help="folder (or shared path) of pyramids")

@@ -28,7 +28,8 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | os.PathLike, model: type[M], overrides: dict | None = None) -> M:
-    """Read ``path`` (YAML), apply ``overrides`` (dotted keys, e.g. ``{"source.limit": 100}``) and
+    """Read ``path`` (YAML), apply ``overrides`` (dotted keys, list indices as numbers, e.g.
+    ``{"source.limit": 100, "levels.0.epochs": 2}``) and
     validate it as ``model``."""
     path = Path(path)
     try:
@@ -42,9 +43,12 @@ def load_config(path: str | os.PathLike, model: type[M], overrides: dict | None 
     for key, value in (overrides or {}).items():
         node = raw
         *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+        try:
+            for p in parents:
+                node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+            node[int(last) if isinstance(node, list) else last] = value
+        except (IndexError, ValueError, TypeError, AttributeError):
+            raise ConfigError(f"{path}: cannot apply override {key}={value!r}") from None
     try:
         return model.model_validate(raw, context={"base": str(path.parent)})
     except ValidationError as e:
@@ -128,6 +132,7 @@ class ScheduleConfig(_Strict):
     storage_path: str = "outputs/ray_results"  # shared path or URI on a cluster
     experiment: str = "mscnn"
     seed: int = 0
+    random_init: bool = False  # every level from random weights (the comparison for transfers)
 
     @field_validator("pyramid", mode="before")
     @classmethod

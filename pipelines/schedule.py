@@ -83,7 +83,8 @@ def run_schedule(cfg: ScheduleConfig, log: Callable[[str], None] = print,
     ids = json.loads(ids_file.read_text()) if ids_file.exists() else {}
     if "parent" not in ids:
         ids["parent"] = tracker.start_run(
-            cfg.name, tags={"kind": cfg.kind, "config_hash": chash, "schedule": cfg.name},
+            cfg.name, tags={"kind": cfg.kind, "config_hash": chash, "schedule": cfg.name,
+                            "init": "random" if cfg.random_init else "transfer"},
             params=cfg.model_dump(exclude={"pyramid"}) | {"pyramid": pyramid.name})
         tracker.log_dict(ids["parent"], cfg.model_dump(), "config.json")
         _write_json(ids_file, ids)
@@ -105,12 +106,12 @@ def run_schedule(cfg: ScheduleConfig, log: Callable[[str], None] = print,
             mcfg = cfg.model_config_for(i)
             init, lineage = None, {"schedule": cfg.name, "config_hash": chash, "stage": name,
                                    "level": i, "from": None, "transfers": []}
-            if prev is not None and lv.init == "transfer":
+            if prev is not None and lv.init == "transfer" and not cfg.random_init:
                 moved, transfers = _transfer(prev, cfg, i)
                 lineage |= {"from": outcomes[-1]["checkpoint"], "transfers": transfers}
                 init = str(save_checkpoint(run_dir / f"{name}.init", moved, lineage))
             log(f"[{i + 1}/{len(cfg.levels)}] {name}: {lv.epochs} epoch(s) at {lv.n}x{lv.n}, "
-                f"steps {mcfg.unit_steps}, from {' + '.join(lineage['transfers']) or lv.init}")
+                f"steps {mcfg.unit_steps}, from {' + '.join(lineage['transfers']) or 'random weights'}")
             run_id = ids.get(name) or tracker.start_run(
                 name, parent_id=ids["parent"],
                 tags={"kind": cfg.kind, "config_hash": chash, "stage": name, "level": str(i)},

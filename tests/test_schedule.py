@@ -1,0 +1,146 @@
+"""Schedules on a real local Ray: Ray Train stages, handover, resume, fault tolerance, MLflow."""
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from mscnn.checkpoint import load_checkpoint
+from mscnn.hierarchy import to_depth, to_resolution
+from pipelines.config import ConfigError, ScheduleConfig, load_config
+from pipelines.schedule import run_schedule
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def _cfg(tmp_path, levels, **kw):
+    return ScheduleConfig.model_validate({
+        "name": kw.pop("name", "t"), "kind": kw.pop("kind", "multiscale"),
+        "pyramid": {"name": "syn", "source": {"kind": "synthetic", "size": 16, "count": 240},
+                    "levels": 2, "shard_rows": 64},
+        "pyramid_root": str(tmp_path / "pyramids"), "storage_path": str(tmp_path / "runs"),
+        "model": {"channels": 4, "classes": 4}, "levels": levels, "experiment": "test", **kw,
+    })
+
+
+def _run_dir(cfg):
+    return Path(cfg.storage_path) / f"{cfg.name}-{cfg.config_hash()}"
+
+
+def test_two_level_schedule_hands_over_prolonged_weights_and_resumes(local_ray, tmp_path, mlflow_uri):
+    cfg = _cfg(tmp_path, [{"n": 8, "steps": 1, "epochs": 2}, {"n": 16, "steps": 1, "epochs": 1}])
+    res = run_schedule(cfg, log=lambda s: None)
+    d = _run_dir(cfg)
+    assert [s["epochs_run"] for s in res["stages"]] == [2, 1]
+    assert [h["global_epoch"] for s in res["stages"] for h in s["history"]] == [0, 1, 2]
+    # the second stage started from the Galerkin-prolonged best checkpoint of the first
+    coarse, _ = load_checkpoint(d / "L0-n8-N1.best")
+    init, lineage = load_checkpoint(d / "L1-n16-N1.init")
+    want = to_resolution(coarse, 16)
+    for k, v in want.state_dict().items():
+        torch.testing.assert_close(init.state_dict()[k], v, rtol=0, atol=0)
+    assert lineage["transfers"] == ["to_resolution(16)"] and lineage["from"].endswith("L0-n8-N1.best")
+    fine, _ = load_checkpoint(res["checkpoint"])
+    assert fine.n == 16
+    assert not torch.equal(fine.units[0].K, init.units[0].K)  # and it trained from there
+    # fine-grid-equivalent compute: 2 epochs at (8/16)^2, then 1 at full cost
+    assert res["fine_equiv_epochs"] == pytest.approx(2 * 0.25 + 1)
+
+    # MLflow: one parent (tags), two nested stage runs with per-epoch metrics, artifacts
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("test")
+    parent = client.get_run(res["mlflow_parent_run_id"])
+    assert parent.data.tags["kind"] == "multiscale" and parent.data.tags["config_hash"] == cfg.config_hash()
+    assert parent.data.metrics["final_val_accuracy"] == pytest.approx(res["final_val_accuracy"])
+    kids = client.search_runs([exp.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                              order_by=["attributes.start_time ASC"])
+    assert [r.data.tags["stage"] for r in kids] == ["L0-n8-N1", "L1-n16-N1"]
+    hist = client.get_metric_history(kids[0].info.run_id, "val_accuracy")
+    assert sorted(m.step for m in hist) == [0, 1]
+    assert [m.step for m in client.get_metric_history(kids[1].info.run_id, "train_loss")] == [2]
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.json", "final_checkpoint", "config.json"} <= arts
+    assert {a.path for a in client.list_artifacts(kids[1].info.run_id, "checkpoint")} == {
+        "checkpoint/model.json", "checkpoint/model.pt", "checkpoint/lineage.json"}
+
+    # rerun: everything finished, nothing recomputed
+    stamp = (d / "L0-n8-N1.done.json").stat().st_mtime_ns
+    again = run_schedule(cfg, log=lambda s: None)
+    assert again["final_val_accuracy"] == res["final_val_accuracy"]
+    # a schedule whose first level finished resumes at the second
+    (d / "L1-n16-N1.done.json").unlink()
+    logs = []
+    run_schedule(cfg, log=logs.append)
+    assert (d / "L0-n8-N1.done.json").stat().st_mtime_ns == stamp
+    assert any("L0-n8-N1: finished before, skipped" in s for s in logs)
+    assert any(s.startswith("[2/2] L1-n16-N1: 1 epoch(s)") for s in logs)
+
+
+def test_depth_schedule_doubles_steps(local_ray, tmp_path, mlflow_uri):
+    cfg = _cfg(tmp_path, [{"n": 8, "steps": 1, "epochs": 1}, {"n": 8, "steps": 2, "epochs": 1}],
+               kind="depth", name="depth", scaling={"num_workers": 1})
+    res = run_schedule(cfg, log=lambda s: None)
+    d = _run_dir(cfg)
+    shallow, _ = load_checkpoint(d / "L0-n8-N1.best")
+    init, lineage = load_checkpoint(d / "L1-n8-N2.init")
+    assert init.units[0].K.shape[0] == 2 and lineage["transfers"] == ["to_depth([2])"]
+    torch.testing.assert_close(init.units[0].K, to_depth(shallow, 2).units[0].K, rtol=0, atol=0)
+    assert [s["steps"] for s in res["stages"]] == [[1], [2]]
+
+
+def test_worker_failure_mid_stage_is_recovered_without_losing_epochs(local_ray, tmp_path, mlflow_uri):
+    """Two DDP workers; rank 1 exits hard once in the third epoch. FailureConfig restarts the
+    group from the last checkpoint and the stage reports every epoch exactly once."""
+    cfg = _cfg(tmp_path, [{"n": 16, "steps": 1, "epochs": 4, "optim": {"batch_size": 32}}],
+               kind="single", name="fail", scaling={"num_workers": 2}, max_failures=1)
+    marker = tmp_path / "failed-once"
+    # 192 training images / (32 x 2 workers) = 3 steps per epoch: step 8 is in epoch 2
+    res = run_schedule(cfg, log=lambda s: None,
+                       extra={"fail_once": {"rank": 1, "step": 8, "marker": str(marker)}})
+    assert marker.read_text() == "failed at step 8\n"
+    stage = res["stages"][0]
+    assert [h["epoch"] for h in stage["history"]] == [0, 1, 2, 3]
+    assert stage["epochs_run"] == 4
+
+
+def test_bad_schedule_configs_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match=r"levels\.0[\s\S]*n=14 must be divisible by 2\*\*2"):
+        _cfg(tmp_path, [{"n": 14, "epochs": 1}], model={"channels": [4, 4, 4], "classes": 4})
+    p = tmp_path / "s.yaml"
+    p.write_text("name: s\nkind: multiscale\npyramid: nowhere.yaml\nlevels: [{n: 8, epochz: 1}]\n")
+    with pytest.raises(ConfigError, match=r"s\.yaml: invalid ScheduleConfig:[\s\S]*pyramid: "
+                                          r"[\s\S]*nowhere\.yaml[\s\S]*levels\.0\.epochz"):
+        load_config(p, ScheduleConfig)
+
+
+def test_level_missing_from_pyramid_is_a_clear_error(local_ray, tmp_path, mlflow_uri):
+    cfg = _cfg(tmp_path, [{"n": 4, "steps": 1, "epochs": 1}])
+    with pytest.raises(ValueError, match=r"levels\.0\.n: n=4 is not a level of pyramid syn"):
+        run_schedule(cfg, log=lambda s: None)
+
+
+def test_shipped_configs_validate():
+    root = Path(__file__).parents[1] / "configs"
+    for name in ("mnist_single", "mnist_multiscale", "mnist_depth", "demo_single", "demo_multiscale"):
+        cfg = load_config(root / f"{name}.yaml", ScheduleConfig)
+        assert cfg.levels and json.dumps(cfg.model_dump())
+    depth = load_config(root / "mnist_depth.yaml", ScheduleConfig)
+    assert [lv.steps for lv in depth.levels] == [2, 4, 8, 16, 32, 64]
