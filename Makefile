@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/mscnn demo
+	$(VENV)/bin/mscnn demo $(if $(FULL),--full)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
