@@ -1,4 +1,4 @@
-"""``mscnn`` command line: ``demo``, ``pyramid``, ``train``, ``evaluate``."""
+"""``mscnn`` command line: ``demo``, ``pyramid``, ``train``, ``evaluate``, ``sweep``, ``report``."""
 
 from __future__ import annotations
 
@@ -88,6 +88,30 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    """A Ray Tune sweep over schedules (see pipelines/sweep.py)."""
+    from pipelines.config import parse_overrides
+    from pipelines.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.config, parse_overrides(args.set or []))
+    if args.address:
+        os.environ["RAY_ADDRESS"] = args.address
+    run_sweep(sweep, log=Console().print)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Single vs multiscale vs depth, read back from MLflow: a table and PNG plots."""
+    from pipelines.report import make_report
+
+    flt = args.filter or (f"tags.sweep_id = '{args.sweep}'" if args.sweep else "")
+    rep = make_report(args.experiment, args.out, args.target, flt)
+    console = Console()
+    console.print(rep["table"])
+    console.print("plots: " + ", ".join(rep["plots"]))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     """The main job: MNIST pyramid, single-scale and multiscale schedules on Ray Train, the
     cross-resolution evaluation, one comparison table, and where to look in MLflow."""
@@ -162,6 +186,18 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--split", default="val")
     ev.add_argument("--pairs", nargs="+", help="transfer pairs (default: the pyramid's)")
     ev.set_defaults(func=_evaluate)
+    sw = sub.add_parser("sweep", help="Ray Tune sweep over schedules; resumable")
+    sw.add_argument("--config", required=True, help="e.g. configs/sweep_mnist.yaml")
+    sw.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    sw.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override sweep fields")
+    sw.set_defaults(func=_sweep)
+    rp = sub.add_parser("report", help="compare schedules from MLflow runs: table + PNG plots")
+    rp.add_argument("--experiment", default="mscnn", help="MLflow experiment (sweeps: mscnn-sweeps)")
+    rp.add_argument("--sweep", help="only the trials of this sweep (its name)")
+    rp.add_argument("--filter", help="any MLflow filter string, e.g. \"tags.kind = 'depth'\"")
+    rp.add_argument("--target", type=float, default=0.9, help="accuracy for compute-to-target")
+    rp.add_argument("--out", default="outputs/report")
+    rp.set_defaults(func=_report)
     pyr = sub.add_parser("pyramid", help="build an image pyramid (Parquet shards) with Ray Data")
     pyr.add_argument("--config", required=True, help="YAML file, e.g. configs/pyramid_mnist.yaml")
     pyr.add_argument("--out", default="outputs/pyramids", help="folder (or shared path) of pyramids")

@@ -40,15 +40,10 @@ def load_config(path: str | os.PathLike, model: type[M], overrides: dict | None 
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    for key, value in (overrides or {}).items():
-        node = raw
-        *parents, last = key.split(".")
-        try:
-            for p in parents:
-                node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
-            node[int(last) if isinstance(node, list) else last] = value
-        except (IndexError, ValueError, TypeError, AttributeError):
-            raise ConfigError(f"{path}: cannot apply override {key}={value!r}") from None
+    try:
+        apply_overrides(raw, overrides or {})
+    except KeyError as e:
+        raise ConfigError(f"{path}: {e.args[0]}") from None
     try:
         return model.model_validate(raw, context={"base": str(path.parent)})
     except ValidationError as e:
@@ -57,6 +52,21 @@ def load_config(path: str | os.PathLike, model: type[M], overrides: dict | None 
             field = ".".join(str(p) for p in err["loc"]) or "(top level)"
             lines.append(f"  {field}: {err['msg']}")
         raise ConfigError("\n".join(lines)) from None
+
+
+def apply_overrides(raw: dict, overrides: dict) -> dict:
+    """Set dotted keys (list indices as numbers) in the nested dict ``raw``, in place; a key that
+    addresses nothing raises ``KeyError`` naming it."""
+    for key, value in overrides.items():
+        node = raw
+        *parents, last = key.split(".")
+        try:
+            for p in parents:
+                node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+            node[int(last) if isinstance(node, list) else last] = value
+        except (IndexError, ValueError, TypeError, AttributeError):
+            raise KeyError(f"cannot apply override {key}={value!r}") from None
+    return raw
 
 
 def parse_overrides(items: list[str]) -> dict:

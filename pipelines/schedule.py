@@ -63,9 +63,11 @@ def _transfer(prev: ODENet, cfg: ScheduleConfig, i: int) -> tuple[ODENet, list[s
 
 
 def run_schedule(cfg: ScheduleConfig, log: Callable[[str], None] = print,
-                 extra: dict | None = None) -> dict:
+                 extra: dict | None = None, tags: dict | None = None,
+                 train_callbacks: Callable[[], list] | None = None) -> dict:
     """Run (or resume) every level of ``cfg``; returns the results (also ``results.json``).
-    ``extra`` is merged into every stage's ``train_loop_config`` (test-only switches)."""
+    ``extra`` is merged into every stage's ``train_loop_config`` (test-only switches); ``tags``
+    go on the MLflow parent run; ``train_callbacks()`` makes Ray Train callbacks per stage."""
     import ray
 
     if not ray.is_initialized():
@@ -84,7 +86,7 @@ def run_schedule(cfg: ScheduleConfig, log: Callable[[str], None] = print,
     if "parent" not in ids:
         ids["parent"] = tracker.start_run(
             cfg.name, tags={"kind": cfg.kind, "config_hash": chash, "schedule": cfg.name,
-                            "init": "random" if cfg.random_init else "transfer"},
+                            "init": "random" if cfg.random_init else "transfer", **(tags or {})},
             params=cfg.model_dump(exclude={"pyramid"}) | {"pyramid": pyramid.name})
         tracker.log_dict(ids["parent"], cfg.model_dump(), "config.json")
         _write_json(ids_file, ids)
@@ -128,7 +130,8 @@ def run_schedule(cfg: ScheduleConfig, log: Callable[[str], None] = print,
                 compute_per_epoch=mcfg.n**2 * sum(mcfg.unit_steps) / ref_cost, extra=extra or {})
             mlflow = {"uri": tracker.uri, "experiment": cfg.experiment, "run_id": run_id}
             result = run_stage(spec, str(pyramid), str(run_dir), cfg.scaling.model_dump(),
-                               cfg.max_failures, mlflow, cfg.materialize_data)
+                               cfg.max_failures, mlflow, cfg.materialize_data,
+                               train_callbacks() if train_callbacks else None)
             if result.error:
                 tracker.end_run(run_id, "FAILED")
                 tracker.end_run(ids["parent"], "FAILED")
@@ -146,6 +149,7 @@ def run_schedule(cfg: ScheduleConfig, log: Callable[[str], None] = print,
                    "epochs_run": len(history), "best_val_accuracy": max(h["val_accuracy"]
                                                                         for h in history),
                    "seconds": state["seconds"], "checkpoint": str(best_dir), "history": history,
+                   "init": state.get("init", {}),
                    "wallclock_end": last["wallclock"], "compute_end": last["fine_equiv_epochs"],
                    "global_epoch_end": last["global_epoch"] + 1}
             tracker.log_metrics(run_id, {"best_val_accuracy": out["best_val_accuracy"],

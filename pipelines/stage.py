@@ -44,6 +44,20 @@ def _all_reduce(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _validate(model, val_ds, scale, device) -> tuple[float, float, float]:
+    """Summed cross-entropy, correct count and count on this worker's validation shard."""
+    model.eval()
+    loss = correct = total = 0.0
+    with torch.no_grad():
+        for batch in val_ds.iter_torch_batches(batch_size=1000, device=device):
+            logits = model(batch["image"] * scale)
+            loss += F.cross_entropy(logits, batch["label"], reduction="sum").item()
+            correct += (logits.argmax(1) == batch["label"]).sum().item()
+            total += len(batch["label"])
+    model.train()
+    return loss, correct, total
+
+
 def _save(dirpath: str, model: ODENet, opt, sched, state: dict, lineage: dict) -> None:
     save_checkpoint(Path(dirpath) / "model", model, lineage)
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None},
@@ -97,9 +111,14 @@ def train_func(config: dict) -> None:
     train_ds = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("val")
     bs = config["optim"]["batch_size"]
+    if "init" not in state:  # how good is the incoming (prolonged / interpolated / random) model?
+        vloss, correct, total = _all_reduce(list(_validate(model, val_ds, scale, device)))
+        state["init"] = {"init_val_loss": vloss / max(total, 1),
+                         "init_val_accuracy": correct / max(total, 1)}
+        if tracker:
+            tracker.log_metrics(config["mlflow"]["run_id"], state["init"], step=config["epoch_offset"])
     for epoch in range(state["epoch"] + 1, config["epochs"]):
         t0, loss_sum, count = time.perf_counter(), 0.0, 0
-        model.train()
         for batch in train_ds.iter_torch_batches(batch_size=bs, device=device,
                                                  local_shuffle_buffer_size=4 * bs,
                                                  local_shuffle_seed=config["seed"] + epoch):
@@ -115,15 +134,9 @@ def train_func(config: dict) -> None:
             count += len(y)
             _maybe_fail(config, rank, state["step"])
         train_seconds = time.perf_counter() - t0
-        model.eval()
-        correct = total = 0
-        with torch.no_grad():
-            for batch in val_ds.iter_torch_batches(batch_size=1000, device=device):
-                pred = model(batch["image"] * scale).argmax(1)
-                correct += (pred == batch["label"]).sum().item()
-                total += len(batch["label"])
-        loss_sum, count, correct, total, imgs = _all_reduce(
-            [loss_sum, count, correct, total, count / train_seconds])
+        vloss, correct, total = _validate(model, val_ds, scale, device)
+        loss_sum, count, vloss, correct, total, imgs = _all_reduce(
+            [loss_sum, count, vloss, correct, total, count / train_seconds])
         val_acc = correct / max(total, 1)
         state["seconds"] += time.perf_counter() - t0
         improved = val_acc > state["best"]
@@ -134,6 +147,7 @@ def train_func(config: dict) -> None:
         metrics = {
             "epoch": epoch, "global_epoch": config["epoch_offset"] + epoch,
             "train_loss": loss_sum / max(count, 1), "val_accuracy": val_acc,
+            "val_loss": vloss / max(total, 1),
             "images_per_s": imgs, "stage_seconds": state["seconds"],
             "wallclock": config["wallclock_offset"] + state["seconds"],
             "fine_equiv_epochs": compute, "n": cfg.n, "steps": sum(cfg.unit_steps),
@@ -174,7 +188,8 @@ class StageSpec:
 
 
 def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
-              max_failures: int, mlflow: dict | None, materialize: bool = True):
+              max_failures: int, mlflow: dict | None, materialize: bool = True,
+              callbacks: list | None = None):
     """Run one stage with ``TorchTrainer``; returns Ray Train's ``Result``. ``materialize`` reads
     the level into Ray's object store once (fast epochs for data that fits); otherwise every
     epoch streams the Parquet shards."""
@@ -215,6 +230,7 @@ def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
             name=spec.name, storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
+            callbacks=callbacks or None,
         ),
         datasets={s: ds.materialize() if materialize else ds
                   for s, ds in ((s, load_level(pyramid, spec.level, s)) for s in ("train", "val"))},
