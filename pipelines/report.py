@@ -44,8 +44,14 @@ class RunCurve:
         return f"{self.name} ({self.kind}{', random init' if init == 'random' else ''})"
 
     def to_target(self, target: float) -> dict | None:
-        """The first epoch at which val accuracy reaches ``target``."""
-        return next((p for p in self.points if p.get("val_accuracy", -1) >= target), None)
+        """The first epoch at which val accuracy reaches ``target`` on the final resolution's
+        images (a coarse level's accuracy is on coarse images: another task). Shallower levels
+        of a depth schedule see the same images, so they count."""
+        if not self.points:
+            return None
+        n = self.points[-1].get("n")
+        return next((p for p in self.points
+                     if p.get("n") == n and p.get("val_accuracy", -1) >= target), None)
 
 
 def collect_runs(experiment: str, tracker: Tracker | None = None,

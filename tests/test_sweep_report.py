@@ -33,8 +33,14 @@ def test_tiny_sweep_then_report_from_mlflow(tmp_path, monkeypatch):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         res = run_sweep(sweep, log=lambda s: None)
+        # the same sweep again continues with Tuner.restore: finished trials are not rerun
+        logs = []
+        again = run_sweep(sweep, log=logs.append)
     finally:
         ray.shutdown()
+    assert any("continuing sweep" in s for s in logs)
+    assert sorted(t["mlflow_run_id"] for t in again["trials"]) == sorted(
+        t["mlflow_run_id"] for t in res["trials"])
     assert len(res["trials"]) == 2 and all(t["error"] is None for t in res["trials"])
     assert sorted(t["space.levels.0.optim.lr"] for t in res["trials"]) == [0.003, 0.01]
     # the best configuration is a ready-to-run schedule
