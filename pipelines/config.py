@@ -89,10 +89,17 @@ class _Strict(BaseModel):
 
 
 class OptimConfig(_Strict):
-    name: Literal["adam", "adamw", "sgd"] = "adam"
+    """``adam``/``adamw``/``sgd`` (torch.optim, ``lr``, ``cosine``) or ``bcd``: the paper's
+    block-coordinate Gauss-Newton/Newton (``mscnn.optim.BCD``; one iteration per batch)."""
+
+    name: Literal["adam", "adamw", "sgd", "bcd"] = "adam"
     lr: float = Field(1e-2, gt=0)
     batch_size: int = Field(128, ge=1)
     cosine: bool = True  # anneal the learning rate to 0 over the level's epochs
+    alpha_time: float = Field(1e-3, ge=0)  # bcd: smoothness in time of the propagation
+    alpha_space: float = Field(1e-4, ge=0)  # bcd: spatial smoothness of the classifier weights
+    newton_steps: int = Field(5, ge=1)  # bcd
+    cg_iters: int = Field(10, ge=1)  # bcd
 
 
 class ModelConfig(_Strict):
@@ -125,6 +132,7 @@ class ScalingModel(_Strict):
     num_workers: int = Field(1, ge=0)  # 0: run in the driver (fast tests; no checkpoints persisted)
     use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs when the cluster has them
     cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class ScheduleConfig(_Strict):

@@ -149,7 +149,7 @@ def run_schedule(cfg: ScheduleConfig, log: Callable[[str], None] = print,
                    "epochs_run": len(history), "best_val_accuracy": max(h["val_accuracy"]
                                                                         for h in history),
                    "seconds": state["seconds"], "checkpoint": str(best_dir), "history": history,
-                   "init": state.get("init", {}),
+                   "init": state.get("init", {}), "nodes": state.get("nodes", []),
                    "wallclock_end": last["wallclock"], "compute_end": last["fine_equiv_epochs"],
                    "global_epoch_end": last["global_epoch"] + 1}
             tracker.log_metrics(run_id, {"best_val_accuracy": out["best_val_accuracy"],

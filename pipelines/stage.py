@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from mscnn.checkpoint import load_checkpoint, save_checkpoint
 from mscnn.ode import ODENet, ODENetConfig
+from mscnn.optim import BCD
 from mscnn.train import make_optimizer
 
 __all__ = ["StageSpec", "run_stage", "train_func"]
@@ -44,6 +45,29 @@ def _all_reduce(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _mean_across_workers(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def _all_nodes() -> list[str]:
+    """The Ray node id of every worker, in rank order."""
+    import ray
+    import torch.distributed as dist
+
+    me = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [me]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, me)
+    return out
+
+
 def _validate(model, val_ds, scale, device) -> tuple[float, float, float]:
     """Summed cross-entropy, correct count and count on this worker's validation shard."""
     model.eval()
@@ -60,8 +84,8 @@ def _validate(model, val_ds, scale, device) -> tuple[float, float, float]:
 
 def _save(dirpath: str, model: ODENet, opt, sched, state: dict, lineage: dict) -> None:
     save_checkpoint(Path(dirpath) / "model", model, lineage)
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched else None},
-               Path(dirpath) / "optimizer.pt")
+    torch.save({"optimizer": opt.state_dict() if opt else None,
+                "scheduler": sched.state_dict() if sched else None}, Path(dirpath) / "optimizer.pt")
     (Path(dirpath) / "train_state.json").write_text(json.dumps(state))
 
 
@@ -93,11 +117,17 @@ def train_func(config: dict) -> None:
     net = model
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
-    opt = make_optimizer(model, config["optim"]["name"], config["optim"]["lr"])
-    steps_per_epoch = -(-config["train_count"] // (config["optim"]["batch_size"] * max(world, 1)))
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, config["epochs"] * steps_per_epoch)
-             if config["optim"]["cosine"] else None)
-    if opt_state:
+    o = config["optim"]
+    opt = sched = bcd = None
+    if o["name"] == "bcd":  # the paper's optimiser, on the unwrapped model; reductions its own
+        bcd = BCD(net.to(device), o["alpha_time"], o["alpha_space"], o["newton_steps"],
+                  o["cg_iters"], reduce=_mean_across_workers)
+    else:
+        opt = make_optimizer(model, o["name"], o["lr"])
+        steps_per_epoch = -(-config["train_count"] // (o["batch_size"] * max(world, 1)))
+        if o["cosine"]:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config["epochs"] * steps_per_epoch)
+    if opt_state and opt:
         opt.load_state_dict(opt_state["optimizer"])
         if sched and opt_state["scheduler"]:
             sched.load_state_dict(opt_state["scheduler"])
@@ -111,6 +141,7 @@ def train_func(config: dict) -> None:
     train_ds = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("val")
     bs = config["optim"]["batch_size"]
+    state["nodes"] = _all_nodes()  # where this stage's workers run (the last attempt)
     if "init" not in state:  # how good is the incoming (prolonged / interpolated / random) model?
         vloss, correct, total = _all_reduce(list(_validate(model, val_ds, scale, device)))
         state["init"] = {"init_val_loss": vloss / max(total, 1),
@@ -123,14 +154,18 @@ def train_func(config: dict) -> None:
                                                  local_shuffle_buffer_size=4 * bs,
                                                  local_shuffle_seed=config["seed"] + epoch):
             x, y = batch["image"] * scale, batch["label"]
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched:
-                sched.step()
+            if bcd:
+                loss = bcd.step(x, y)["loss"]
+            else:
+                loss_t = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss_t.backward()
+                opt.step()
+                if sched:
+                    sched.step()
+                loss = loss_t.item()
             state["step"] += 1
-            loss_sum += loss.item() * len(y)
+            loss_sum += loss * len(y)
             count += len(y)
             _maybe_fail(config, rank, state["step"])
         train_seconds = time.perf_counter() - t0
@@ -225,6 +260,7 @@ def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
         scaling_config=ScalingConfig(
             num_workers=scaling["num_workers"], use_gpu=use_gpu,
             resources_per_worker={"CPU": scaling["cpus_per_worker"]},
+            placement_strategy=scaling["placement_strategy"],
         ),
         run_config=RunConfig(
             name=spec.name, storage_path=storage_path,

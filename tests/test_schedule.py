@@ -144,3 +144,16 @@ def test_shipped_configs_validate():
         assert cfg.levels and json.dumps(cfg.model_dump())
     depth = load_config(root / "mnist_depth.yaml", ScheduleConfig)
     assert [lv.steps for lv in depth.levels] == [2, 4, 8, 16, 32, 64]
+
+
+def test_bcd_optimizer_in_a_two_worker_ddp_stage(local_ray, tmp_path, mlflow_uri):
+    """The paper's optimiser inside a Ray Train stage with two workers (reductions across them)."""
+    cfg = _cfg(tmp_path, [{"n": 8, "steps": 2, "epochs": 2,
+                           "optim": {"name": "bcd", "batch_size": 48, "newton_steps": 2,
+                                     "cg_iters": 3}}],
+               kind="single", name="bcd", scaling={"num_workers": 2})
+    res = run_schedule(cfg, log=lambda s: None)
+    hist = res["stages"][0]["history"]
+    assert len(hist) == 2 and all(h["train_loss"] == h["train_loss"] for h in hist)  # not NaN
+    assert hist[1]["train_loss"] < hist[0]["train_loss"]
+    assert len(set(res["stages"][0]["nodes"])) == 1 and len(res["stages"][0]["nodes"]) == 2

@@ -1,0 +1,164 @@
+"""A real two-node Ray cluster on this machine, an MLflow server, and `ray job submit`.
+
+Starts a Ray head and a second Ray node (both on 127.0.0.1, each with its own resources and a temp
+dir of this test's), an `mlflow server` with a SQLite store, submits a small multiscale schedule
+with `ray job submit`, waits for SUCCEEDED (bounded), then checks through MLflow's REST client that
+the parent and stage runs hold metrics, that the stage checkpoints are on the shared storage path,
+and that the stage's workers ran on both nodes. Stops exactly the processes it started.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _procs_under(tag: str) -> list[int]:
+    """PIDs whose command line mentions ``tag`` (this test's temp dir)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if tag in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def _wait_http(port: int, seconds: float) -> None:
+    end = time.time() + seconds
+    while time.time() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {seconds} s")
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    temp = Path(tempfile.mkdtemp(prefix="mscnn-rc-", dir="/tmp"))  # short: Ray's socket paths
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    gcs, dash, mlf = _free_port(), _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    started: list[subprocess.Popen] = []
+    try:
+        subprocess.run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1",
+                        f"--port={gcs}", "--num-cpus=2", '--resources={"head_node": 1}',
+                        "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                        f"--dashboard-port={dash}", f"--temp-dir={temp}",
+                        "--disable-usage-stats"], env=env, check=True, capture_output=True)
+        subprocess.run([BIN / "ray", "start", f"--address=127.0.0.1:{gcs}",
+                        "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                        '--resources={"second_node": 1}', f"--temp-dir={temp}",
+                        "--disable-usage-stats"], env=env, check=True, capture_output=True)
+        store = tmp_path / "mlflow"
+        store.mkdir()
+        started.append(subprocess.Popen(
+            [BIN / "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
+             "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(mlf), "--workers", "1"],
+            env=env, stdout=open(tmp_path / "mlflow.log", "w"), stderr=subprocess.STDOUT,
+            start_new_session=True))
+        _wait_http(mlf, 120)
+        _wait_http(dash, 60)
+        yield {"dashboard": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{mlf}",
+               "shared": shared, "env": env, "temp": temp}
+    finally:
+        for p in started:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in _procs_under(str(temp)):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(3)
+        assert not _procs_under(str(temp)), "processes of the test cluster survived"
+
+
+def test_multiscale_job_on_two_node_cluster(cluster, tmp_path):
+    shared = cluster["shared"]
+    cfg = {
+        "name": "cluster-ms", "kind": "multiscale", "experiment": "cluster",
+        "pyramid": {"name": "syn", "source": {"kind": "synthetic", "size": 16, "count": 200},
+                    "levels": 2},
+        "pyramid_root": str(shared / "pyramids"), "storage_path": str(shared / "runs"),
+        "model": {"channels": 4, "classes": 4},
+        "scaling": {"num_workers": 2, "placement_strategy": "STRICT_SPREAD"},
+        "levels": [{"n": 8, "steps": 1, "epochs": 1}, {"n": 16, "steps": 1, "epochs": 1}],
+    }
+    config = tmp_path / "schedule.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    env = {**cluster["env"], "MLFLOW_TRACKING_URI": cluster["mlflow"]}
+    runtime_env = {"working_dir": str(ROOT), "env_vars": {"MLFLOW_TRACKING_URI": cluster["mlflow"]},
+                   "excludes": [".venv", "outputs", ".git", "mlflow.db", "mlruns", "*.parquet"]}
+    for _ in range(30):  # the job agent comes up a little after the dashboard's port
+        sub = subprocess.run(
+            [BIN / "ray", "job", "submit", "--address", cluster["dashboard"], "--no-wait",
+             "--runtime-env-json", json.dumps(runtime_env), "--",
+             "python", "-m", "pipelines.cli", "train", "--config", str(config)],
+            env=env, capture_output=True, text=True, timeout=300)
+        if "No available agent" not in sub.stderr:
+            break
+        time.sleep(4)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    job_id = next(w.strip("'") for line in sub.stdout.splitlines() if "submitted successfully" in line
+                  for w in line.split() if w.strip("'").startswith("raysubmit_"))
+    deadline, status = time.time() + 600, ""
+    while time.time() < deadline:
+        st = subprocess.run([BIN / "ray", "job", "status", "--address", cluster["dashboard"], job_id],
+                            env=env, capture_output=True, text=True, timeout=120)
+        status = (st.stdout + st.stderr).lower()
+        if any(f"job '{job_id.lower()}' {s}" in status for s in ("succeeded", "failed", "stopped")):
+            break
+        time.sleep(5)
+    logs = subprocess.run([BIN / "ray", "job", "logs", "--address", cluster["dashboard"], job_id],
+                          env=env, capture_output=True, text=True, timeout=120).stdout
+    assert f"job '{job_id.lower()}' succeeded" in status, f"job {job_id}: {status}\n{logs[-4000:]}"
+
+    # MLflow, through the REST API of the server
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cluster["mlflow"])
+    exp = client.get_experiment_by_name("cluster")
+    parents = client.search_runs([exp.experiment_id], "tags.kind = 'multiscale'")
+    assert len(parents) == 1 and "final_val_accuracy" in parents[0].data.metrics
+    kids = client.search_runs([exp.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert len(kids) == 2 and all("val_accuracy" in k.data.metrics for k in kids)
+    # checkpoints on the shared storage path; workers of each stage on both nodes
+    run_dir = next((shared / "runs").glob("cluster-ms-*"))
+    results = json.loads((run_dir / "results.json").read_text())
+    for stage in results["stages"]:
+        assert (Path(stage["checkpoint"]) / "model.pt").is_file()
+        assert str(shared) in stage["checkpoint"]
+        assert len(set(stage["nodes"])) == 2, stage["nodes"]
+    assert list((run_dir / "cluster-ms-" f"{results['config_hash']}-L0-n8-N1").glob("checkpoint_*"))
