@@ -7,6 +7,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 BENCHES = [
     ["pyramid_build.py"],
+    ["optimizers.py"],
     ["cross_resolution.py", "--seeds", "0", "1", "2", "--epochs", "3", "--sigma", "0"],
     ["cross_resolution.py", "--seeds", "0", "1", "2", "--epochs", "3", "--sigma", "1"],
 ]

@@ -65,12 +65,17 @@ def cluster(tmp_path):
     env.pop("RAY_ADDRESS", None)
     started: list[subprocess.Popen] = []
     try:
-        subprocess.run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1",
+        def own_ports():  # two nodes on one machine: every per-node service on its own port
+            return [f"--{name}={_free_port()}" for name in (
+                "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                "metrics-export-port", "node-manager-port", "object-manager-port")]
+
+        subprocess.run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", *own_ports(),
                         f"--port={gcs}", "--num-cpus=2", '--resources={"head_node": 1}',
                         "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                         f"--dashboard-port={dash}", f"--temp-dir={temp}",
                         "--disable-usage-stats"], env=env, check=True, capture_output=True)
-        subprocess.run([BIN / "ray", "start", f"--address=127.0.0.1:{gcs}",
+        subprocess.run([BIN / "ray", "start", f"--address=127.0.0.1:{gcs}", *own_ports(),
                         "--node-ip-address=127.0.0.1", "--num-cpus=2",
                         '--resources={"second_node": 1}', f"--temp-dir={temp}",
                         "--disable-usage-stats"], env=env, check=True, capture_output=True)
@@ -149,7 +154,8 @@ def test_multiscale_job_on_two_node_cluster(cluster, tmp_path):
 
     client = MlflowClient(cluster["mlflow"])
     exp = client.get_experiment_by_name("cluster")
-    parents = client.search_runs([exp.experiment_id], "tags.kind = 'multiscale'")
+    runs = client.search_runs([exp.experiment_id], "tags.kind = 'multiscale'")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and "final_val_accuracy" in parents[0].data.metrics
     kids = client.search_runs([exp.experiment_id],
                               f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
