@@ -122,6 +122,16 @@ def markdown(rows: list[dict], target: float) -> str:
     return "\n".join(out)
 
 
+def _save_figure(fig, axes, path: Path) -> Path:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _curves_plot(curves: list[RunCurve], x: str, xlabel: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for c in curves:
@@ -130,12 +140,7 @@ def _curves_plot(curves: list[RunCurve], x: str, xlabel: str, path: Path) -> Pat
             ax.plot([p[x] for p in pts], [100 * p["val_accuracy"] for p in pts], "o-", label=c.label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, [ax], path)
 
 
 def _depth_plot(curves: list[RunCurve], path: Path) -> Path | None:
@@ -160,13 +165,7 @@ def _depth_plot(curves: list[RunCurve], path: Path) -> Path | None:
     axes[1].set_xscale("log", base=2)
     axes[1].set_xlabel("Euler steps (layers)")
     axes[1].set_ylabel("validation loss")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, axes, path)
 
 
 def fig1_kernels(path: Path, image: torch.Tensor | None = None) -> Path:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 
 from mscnn.data import find_mnist_dir
@@ -24,12 +23,6 @@ from pipelines.pyramid import (
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _syn(name="syn", **kw):
@@ -80,6 +73,32 @@ def test_synthetic_pyramid_content_manifest_and_rebuild(local_ray, tmp_path):
     assert sorted(p.name for p in (path / "level=0" / "split=train").iterdir())[0].startswith("part-")
     with pytest.raises(ValueError, match="level 3 out of range"):
         load_level(path, 3, "train")
+
+
+def test_image_folder_pyramid(local_ray, tmp_path):
+    """Class-per-folder JPEG/PNG (one grayscale), resized, converted to RGB, train/ and val/."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imgs"
+    for split, count in (("train", 3), ("val", 1)):
+        for c in ("ant", "bee"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(count):
+                arr = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+                img = Image.fromarray(arr).convert("L") if i == 0 else Image.fromarray(arr)
+                img.save(root / split / c / f"{i}.{'png' if i == 1 else 'jpg'}")
+    cfg = PyramidConfig(name="folder", source=SourceConfig(kind="folder", path=str(root), size=16),
+                        levels=2)
+    path, _ = build_pyramid(cfg, tmp_path / "out")
+    m = read_manifest(path)
+    assert m["source"]["classes"] == ["ant", "bee"] and m["channels"] == 3
+    assert m["counts"]["train"] == {"total": 6, "per_class": [3, 3]}
+    assert m["counts"]["val"]["total"] == 2 and len(m["checksums"]) == 8
+    s = level_tensors(path, 1, "train")
+    assert s.x.shape == (6, 3, 8, 8) and s.y.tolist() == [0, 0, 0, 1, 1, 1]
+    first = level_tensors(path, 0, "train").x[0]
+    torch.testing.assert_close(first[0], first[1])  # the grayscale image became RGB
 
 
 def test_crash_mid_build_leaves_no_pyramid(local_ray, tmp_path, monkeypatch):

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -15,12 +14,6 @@ from pipelines.schedule import run_schedule
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture
@@ -80,6 +73,19 @@ def test_two_level_schedule_hands_over_prolonged_weights_and_resumes(local_ray, 
     assert {"results.json", "final_checkpoint", "config.json"} <= arts
     assert {a.path for a in client.list_artifacts(kids[1].info.run_id, "checkpoint")} == {
         "checkpoint/model.json", "checkpoint/model.pt", "checkpoint/lineage.json"}
+
+    # cross-resolution evaluation of the two stages' checkpoints, logged to MLflow
+    from pipelines.evaluate import evaluate_checkpoints
+
+    rows = evaluate_checkpoints(d / "L1-n16-N1.best", d / "L0-n8-N1.best",
+                                Path(cfg.pyramid_root) / "syn", experiment="test")
+    got = {(r["direction"], r["method"]): r["accuracy"] for r in rows}
+    assert set(got) == {("fine", "native"), ("coarse", "native"), ("coarse->fine", "galerkin"),
+                        ("coarse->fine", "naive"), ("fine->coarse", "galerkin"),
+                        ("fine->coarse", "naive")}
+    assert got[("coarse", "native")] == pytest.approx(res["stages"][0]["best_val_accuracy"])
+    ev = client.search_runs([exp.experiment_id], "tags.kind = 'evaluate'")
+    assert len(ev) == 1 and "full-weighting/coarse_to_fine/galerkin" in ev[0].data.metrics
 
     # rerun: everything finished, nothing recomputed
     stamp = (d / "L0-n8-N1.done.json").stat().st_mtime_ns

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import ScheduleConfig, load_config
@@ -25,19 +24,15 @@ def _sweep(tmp_path, space):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_tiny_sweep_then_report_from_mlflow(tmp_path, monkeypatch):
+def test_tiny_sweep_then_report_from_mlflow(local_ray, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     sweep = _sweep(tmp_path, {"levels.0.optim.lr": {"grid": [0.01, 0.003]},
                               "model.pair": {"choice": ["average"]}})
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        res = run_sweep(sweep, log=lambda s: None)
-        # the same sweep again continues with Tuner.restore: finished trials are not rerun
-        logs = []
-        again = run_sweep(sweep, log=logs.append)
-    finally:
-        ray.shutdown()
+    res = run_sweep(sweep, log=lambda s: None)
+    # the same sweep again continues with Tuner.restore: finished trials are not rerun
+    logs = []
+    again = run_sweep(sweep, log=logs.append)
     assert any("continuing sweep" in s for s in logs)
     assert sorted(t["mlflow_run_id"] for t in again["trials"]) == sorted(
         t["mlflow_run_id"] for t in res["trials"])
