@@ -11,18 +11,10 @@ import torch
 from mscnn.checkpoint import load_checkpoint
 from mscnn.crossres import transfer_rows
 from mscnn.data import Split
-from pipelines.pyramid import level_tensors, read_manifest
+from pipelines.pyramid import level_for, level_tensors, read_manifest
 from pipelines.tracking import Tracker
 
 __all__ = ["evaluate_checkpoints"]
-
-
-def _level_of(manifest: dict, n: int, what: str) -> int:
-    for lv in manifest["levels"]:
-        if lv["n"] == n:
-            return lv["level"]
-    raise ValueError(f"{what}: the network takes {n}x{n} images; the pyramid has "
-                     f"{[lv['n'] for lv in manifest['levels']]}")
 
 
 def evaluate_checkpoints(fine: str | os.PathLike, coarse: str | os.PathLike,
@@ -41,7 +33,7 @@ def evaluate_checkpoints(fine: str | os.PathLike, coarse: str | os.PathLike,
     scale = torch.tensor([1.0 / s for s in man["normalisation"]["std"]]).view(1, -1, 1, 1)
 
     def data(model, what):
-        s = level_tensors(pyramid, _level_of(man, model.n, what), split)
+        s = level_tensors(pyramid, level_for(man, model.n, what), split)
         return Split(s.x * scale, s.y)
 
     fine_eval, coarse_eval = data(fine_m, f"fine checkpoint {fine}"), data(coarse_m, f"coarse {coarse}")

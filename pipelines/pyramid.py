@@ -39,6 +39,7 @@ __all__ = [
     "PyramidConfig",
     "SourceConfig",
     "build_pyramid",
+    "level_for",
     "level_tensors",
     "load_level",
     "next_level",
@@ -290,6 +291,15 @@ def _level_dir(root: str | os.PathLike, level: int, split: str) -> Path:
     if not d.is_dir():
         raise ValueError(f"{root}: no split {split!r} (has {sorted(m['counts'])})")
     return d
+
+
+def level_for(manifest: dict, n: int, where: str) -> int:
+    """The pyramid level whose images are ``n x n``; ``ValueError`` naming ``where`` otherwise."""
+    for lv in manifest["levels"]:
+        if lv["n"] == n:
+            return lv["level"]
+    have = [lv["n"] for lv in manifest["levels"]]
+    raise ValueError(f"{where}: n={n} is not a level of pyramid {manifest['name']} (has n in {have})")
 
 
 def load_level(root: str | os.PathLike, level: int, split: str = "train"):

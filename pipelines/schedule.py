@@ -23,7 +23,7 @@ from mscnn.checkpoint import load_checkpoint, save_checkpoint
 from mscnn.hierarchy import to_depth, to_resolution
 from mscnn.ode import ODENet
 from pipelines.config import ScheduleConfig
-from pipelines.pyramid import build_pyramid, read_manifest
+from pipelines.pyramid import build_pyramid, level_for, read_manifest
 from pipelines.stage import StageSpec, run_stage
 from pipelines.tracking import Tracker
 
@@ -34,14 +34,6 @@ def stage_name(cfg: ScheduleConfig, i: int) -> str:
     lv = cfg.levels[i]
     steps = lv.steps if isinstance(lv.steps, int) else "-".join(map(str, lv.steps))
     return f"L{i}-n{lv.n}-N{steps}"
-
-
-def _pyramid_level(manifest: dict, n: int, where: str) -> int:
-    for lv in manifest["levels"]:
-        if lv["n"] == n:
-            return lv["level"]
-    have = [lv["n"] for lv in manifest["levels"]]
-    raise ValueError(f"{where}: n={n} is not a level of pyramid {manifest['name']} (has n in {have})")
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -78,7 +70,7 @@ def run_schedule(cfg: ScheduleConfig, log: Callable[[str], None] = print,
     pyramid, built = build_pyramid(cfg.pyramid, Path(cfg.pyramid_root).resolve())
     log(f"pyramid {pyramid} ({'built' if built else 'up to date'})")
     manifest = read_manifest(pyramid)
-    levels = [_pyramid_level(manifest, lv.n, f"levels.{i}.n") for i, lv in enumerate(cfg.levels)]
+    levels = [level_for(manifest, lv.n, f"levels.{i}.n") for i, lv in enumerate(cfg.levels)]
 
     tracker = Tracker(cfg.experiment)
     ids_file = run_dir / "mlflow.json"
