@@ -3,6 +3,15 @@
 ``to_resolution(model, n)``: every 3x3 stencil by Galerkin restriction/prolongation
 (``mscnn.transfer``), the quadrature classifier's ``W`` like an image; 1x1 kernels, biases and the
 pooling classifier unchanged. The input images are never touched: the new model takes ``n x n``.
+Options: ``galerkin`` names the layer groups whose stencils get Galerkin transfer (``"opening"``,
+``"units"``; the others keep their stencils, as ``naive=True`` does for all), ``lam`` regularises the
+prolongation (``mscnn.transfer.prolong_stencil``). ``resolution_state`` is the same map on a state
+dict, differentiable, for training one set of parameters at several resolutions
+(``mscnn.multires``).
+
+The connective layers are 1x1 (pointwise) kernels and always move unchanged: the Galerkin product of
+a pointwise ``c I`` is ``c R P``, which is ``c I`` for the ``"average"`` pair and a 3x3 stencil (not a
+1x1 kernel) for full weighting.
 
 ``to_depth(model, steps)``: ``T`` fixed, the stacked parameters of each unit interpolated linearly
 in time (the paper's Sec. 3.3). Step ``k`` of a unit with ``N`` steps acts at ``t_k = k T / N``
@@ -14,14 +23,24 @@ their line.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from mscnn.ode import ODENet
+from mscnn.ode import ODENet, ODENetConfig
 from mscnn.transfer import prolong_image, prolong_stencil, restrict_image, restrict_stencil
 
-__all__ = ["interpolate_in_time", "levels_between", "to_depth", "to_resolution"]
+__all__ = [
+    "LAYER_GROUPS",
+    "interpolate_in_time",
+    "levels_between",
+    "resolution_state",
+    "to_depth",
+    "to_resolution",
+]
+
+LAYER_GROUPS = ("opening", "units")
 
 
 def levels_between(n_from: int, n_to: int) -> int:
@@ -38,37 +57,88 @@ def levels_between(n_from: int, n_to: int) -> int:
     return k
 
 
-def _move(t: torch.Tensor, k: int, down, up, pair: str) -> torch.Tensor:
+def _move(t: torch.Tensor, k: int, down, up) -> torch.Tensor:
     for _ in range(abs(k)):
-        t = down(t, pair) if k < 0 else up(t, pair)
+        t = down(t) if k < 0 else up(t)
     return t
 
 
-@torch.no_grad()
-def to_resolution(model: ODENet, n: int, naive: bool = False, pair: str | None = None) -> ODENet:
-    """A new ``ODENet`` for ``n x n`` images (``n = model.n * 2**k``), no retraining.
+def _group(name: str) -> str | None:
+    """The layer group of a 3x3 stencil parameter (``None``: not a stencil that may be moved)."""
+    head = name.split(".")[0]
+    return head if head in LAYER_GROUPS else None
 
-    ``naive=True`` keeps the stencils and moves only ``W`` (the paper's baseline). ``pair`` defaults
-    to the model's transfer pair. The result is on the device and dtype of ``model``.
+
+def resolution_state(
+    model: ODENet,
+    n: int,
+    naive: bool = False,
+    pair: str | None = None,
+    lam: float = 0.0,
+    galerkin: tuple[str, ...] | list[str] = LAYER_GROUPS,
+    state: dict[str, torch.Tensor] | None = None,
+) -> tuple[ODENetConfig, dict[str, torch.Tensor]]:
+    """The config and state dict of ``model`` moved to ``n x n`` images (see ``to_resolution``).
+
+    ``state`` defaults to ``dict(model.named_parameters())`` (plus buffers); every map used is
+    linear, so gradients flow from the returned tensors back to ``state``.
     """
     cfg = model.config
     k = levels_between(cfg.n, n)
     pair = pair or cfg.pair
+    unknown = sorted(set(galerkin) - set(LAYER_GROUPS))
+    if unknown:
+        raise ValueError(
+            f"to_resolution: unknown layer groups {unknown} in galerkin; valid: {list(LAYER_GROUPS)} "
+            "(connective layers are 1x1 and always move unchanged)"
+        )
     try:
         new_cfg = cfg.replace(n=n, pair=pair)
     except ValueError as e:
         raise ValueError(
             f"to_resolution: cannot move a {cfg.n}x{cfg.n} network to {n}x{n}: {e}"
         ) from None
+    if state is None:
+        state = dict(model.named_parameters()) | dict(model.named_buffers())
+    groups = () if naive else tuple(galerkin)
+    down_s = functools.partial(restrict_stencil, pair=pair)
+    up_s = functools.partial(prolong_stencil, pair=pair, lam=lam)
+    down_i = functools.partial(restrict_image, pair=pair)
+    up_i = functools.partial(prolong_image, pair=pair)
+    out = {}
+    for name, t in state.items():
+        if t.dim() >= 2 and tuple(t.shape[-2:]) == (3, 3) and _group(name) in groups:
+            t = _move(t, k, down_s, up_s)
+        elif name == "classifier.W":
+            t = _move(t, k, down_i, up_i)
+        out[name] = t
+    return new_cfg, out
+
+
+@torch.no_grad()
+def to_resolution(
+    model: ODENet,
+    n: int,
+    naive: bool = False,
+    pair: str | None = None,
+    lam: float = 0.0,
+    galerkin: tuple[str, ...] | list[str] = LAYER_GROUPS,
+) -> ODENet:
+    """A new ``ODENet`` for ``n x n`` images (``n = model.n * 2**k``), no retraining.
+
+    ``naive=True`` keeps the stencils and moves only ``W`` (the paper's baseline); ``galerkin``
+    chooses the layer groups that get Galerkin stencils (the rest are kept, as with ``naive``);
+    ``lam`` regularises prolongation (``mscnn.transfer.prolong_stencil``; restriction ignores it).
+    ``pair`` defaults to the model's transfer pair. The result is on the device and dtype of ``model``.
+
+    >>> net = ODENet(channels=2, steps=1, n=8)
+    >>> up = to_resolution(net, 16, galerkin=["units"])
+    >>> torch.equal(up.opening.weight, net.opening.weight), up.classifier.W.shape
+    (True, torch.Size([10, 2, 16, 16]))
+    """
+    new_cfg, state = resolution_state(model, n, naive, pair, lam, galerkin, state=model.state_dict())
     p = next(model.parameters())
     new = ODENet(new_cfg).to(device=p.device, dtype=p.dtype)
-    state = {}
-    for name, t in model.state_dict().items():
-        if t.dim() >= 2 and tuple(t.shape[-2:]) == (3, 3) and not naive:
-            t = _move(t, k, restrict_stencil, prolong_stencil, pair)
-        elif name == "classifier.W":
-            t = _move(t, k, restrict_image, prolong_image, pair)
-        state[name] = t
     new.load_state_dict(state)
     return new
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 from mscnn.ode import ODENet
+from mscnn.transfer import high_frequency_matrix
 
-__all__ = ["network_regularizer", "space_smoothness", "time_smoothness"]
+__all__ = ["network_regularizer", "space_smoothness", "stencil_smoothness", "time_smoothness"]
 
 
 def time_smoothness(theta: torch.Tensor, T: float) -> torch.Tensor:
@@ -48,11 +49,26 @@ def space_smoothness(W: torch.Tensor) -> torch.Tensor:
     return h**2 * (gx.pow(2).sum() + gy.pow(2).sum())
 
 
-def network_regularizer(model: ODENet, alpha_time: float = 0.0, alpha_space: float = 0.0
-                        ) -> torch.Tensor:
+def stencil_smoothness(s: torch.Tensor) -> torch.Tensor:
+    """``s: (..., 3, 3) -> ()``: ``sum s^T Q s`` over the stencils, ``Q`` the high-frequency energy.
+
+    >>> stencil_smoothness(torch.tensor([[0., 0, 0], [0, 2, 0], [0, 0, 0]]))  # 2 * identity: 4
+    tensor(4.)
+    """
+    v = s.reshape(-1, 9)
+    Q = high_frequency_matrix().to(dtype=v.dtype, device=v.device)
+    return ((v @ Q) * v).sum()
+
+
+def network_regularizer(model: ODENet, alpha_time: float = 0.0, alpha_space: float = 0.0,
+                        alpha_stencil: float = 0.0) -> torch.Tensor:
     """``alpha_time * sum over units of time_smoothness(K) + time_smoothness(b)`` plus
-    ``alpha_space * space_smoothness(W)`` (the quadrature classifier's weights)."""
+    ``alpha_space * space_smoothness(W)`` (the quadrature classifier's weights) plus
+    ``alpha_stencil * stencil_smoothness`` of every 3x3 stencil (opening layer and units)."""
     total = next(model.parameters()).new_zeros(())
+    if alpha_stencil:
+        total = total + alpha_stencil * (stencil_smoothness(model.opening.weight) + sum(
+            stencil_smoothness(u.K) for u in model.units))
     if alpha_time:
         for unit in model.units:
             total = total + alpha_time * (time_smoothness(unit.K, unit.T)

@@ -45,9 +45,11 @@ def fit(
     optimizer: str = "adam",
     cosine: bool = True,
     on_epoch: Callable[[int, dict], None] | None = None,
+    regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> list[dict]:
     """Minimise the cross-entropy of ``model`` on ``train`` with mini-batches (shuffled with
-    ``seed``), the learning rate annealed to 0 on a cosine over all steps when ``cosine``.
+    ``seed``), the learning rate annealed to 0 on a cosine over all steps when ``cosine``; plus
+    ``regularizer(model)`` in every step when given (``loss`` records the cross-entropy only).
     Returns one record per epoch: ``epoch``, ``loss`` (mean over the epoch), ``seconds``."""
     opt = make_optimizer(model, optimizer, lr)
     total_steps = epochs * -(-len(train) // batch_size)
@@ -60,7 +62,7 @@ def fit(
         for idx in torch.randperm(len(train), generator=g).split(batch_size):
             loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + regularizer(model) if regularizer else loss).backward()
             opt.step()
             if sched:
                 sched.step()

@@ -17,6 +17,14 @@ A stencil ``s`` acts as a ``torch.nn.functional.conv2d`` weight (cross-correlati
 ``vec(s_h) -> vec(s_H)`` is a fixed 9x9 matrix ``G`` (the Kronecker square of a 3x3 matrix ``M``).
 Stencil prolongation solves ``G s_h = s_H``. ``G`` is formed once per pair, from the 1D ``R`` and
 ``P``; no grid-sized matrix is ever built here.
+
+Regularised prolongation (``prolong_stencil(s, lam=...)``) solves
+``min ||G s_h - s_H||^2 + lam * s_h^T Q s_h`` instead, where ``s_h^T Q s_h`` is the energy of the
+stencil's Fourier symbol ``sum_k s_h[k] exp(i k.w)`` on the high frequencies: the modes ``w`` in
+``[-pi, pi]^2`` outside ``[-pi/2, pi/2]^2``, which a grid twice as coarse cannot represent
+(``high_frequency_matrix``, a closed form). Exact Galerkin prolongation multiplies derivative-like
+stencil components by 2 (first differences) and 4 (second differences); ``Q`` damps exactly the
+components that act on the fine-only modes.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ __all__ = [
     "galerkin_matrix",
     "gaussian_blur",
     "get_pair",
+    "high_frequency_matrix",
     "prolong_image",
     "prolong_stencil",
     "restrict_image",
@@ -234,16 +243,67 @@ def restrict_stencil(s: torch.Tensor, pair: str = "full-weighting") -> torch.Ten
     return _apply_9x9(s, G)
 
 
-def prolong_stencil(s: torch.Tensor, pair: str = "full-weighting") -> torch.Tensor:
+def _low_1d(m: int) -> float:
+    """``(1 / 2 pi) * int_{-pi/2}^{pi/2} cos(m w) dw``."""
+    return 0.5 if m == 0 else math.sin(m * math.pi / 2) / (m * math.pi)
+
+
+@cache
+def _high_frequency_9x9() -> torch.Tensor:
+    offsets = [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)]
+    Q = torch.zeros(9, 9, dtype=torch.float64)
+    for i, (a, b) in enumerate(offsets):
+        for j, (c, d) in enumerate(offsets):
+            m1, m2 = a - c, b - d
+            full = 1.0 if (m1, m2) == (0, 0) else 0.0  # mean of cos over the whole square
+            Q[i, j] = (full - _low_1d(m1) * _low_1d(m2)) / 0.75  # mean over the high part
+    return Q
+
+
+def high_frequency_matrix() -> torch.Tensor:
+    """The 9x9 ``Q`` (float64, symmetric positive definite) with ``s^T Q s`` the mean of
+    ``|sum_k s[k] exp(i k.w)|^2`` over the frequencies ``w`` in ``[-pi, pi]^2`` outside
+    ``[-pi/2, pi/2]^2`` (row-major ``vec(s)``, offsets ``k`` in ``{-1, 0, 1}^2``).
+
+    A stencil's symbol at ``w`` is its response to the Fourier mode ``exp(i k.w)``; constant
+    stencils pass all modes alike, so the identity stencil has energy 1:
+
+    >>> Q = high_frequency_matrix()
+    >>> e = torch.zeros(9, dtype=torch.float64); e[4] = 1
+    >>> round((e @ Q @ e).item(), 6)
+    1.0
+    >>> box = torch.full((9,), 1 / 9, dtype=torch.float64)  # a local mean damps high frequencies
+    >>> round((box @ Q @ box).item(), 4)
+    0.0215
+    """
+    return _high_frequency_9x9().clone()
+
+
+@cache
+def _regularised_inverse(pair: str, lam: float) -> torch.Tensor:
+    G, _ = _galerkin_9x9(pair)
+    return torch.linalg.solve(G.T @ G + lam * _high_frequency_9x9(), G.T)
+
+
+def prolong_stencil(s: torch.Tensor, pair: str = "full-weighting", lam: float = 0.0) -> torch.Tensor:
     """Galerkin prolongation of 3x3 stencils: ``s: (..., 3, 3) -> (..., 3, 3)``.
 
-    Returns the unique fine stencil ``s_h`` with ``restrict_stencil(s_h, pair) == s`` (the 9x9
+    ``lam = 0``: the unique fine stencil ``s_h`` with ``restrict_stencil(s_h, pair) == s`` (the 9x9
     system ``G s_h = s`` is solved with the inverse formed once per pair).
+    ``lam > 0``: ``argmin ||G s_h - s||^2 + lam * s_h^T Q s_h`` with ``Q = high_frequency_matrix()``
+    (closed form ``(G^T G + lam Q)^{-1} G^T s``; one 9x9 matrix per ``(pair, lam)``). Differentiable
+    in ``s``.
 
     >>> s = torch.randn(4, 2, 3, 3, dtype=torch.float64)
     >>> torch.allclose(restrict_stencil(prolong_stencil(s)), s)
     True
+    >>> torch.allclose(prolong_stencil(s, lam=1e-12), prolong_stencil(s))
+    True
     """
     _check_stencil(s, "prolong_stencil")
-    _, G_inv = _galerkin_9x9(get_pair(pair).name)
-    return _apply_9x9(s, G_inv)
+    if not (lam >= 0 and math.isfinite(lam)):
+        raise ValueError(f"prolong_stencil: lam must be a finite number >= 0, got {lam!r}")
+    name = get_pair(pair).name
+    if lam == 0:
+        return _apply_9x9(s, _galerkin_9x9(name)[1])
+    return _apply_9x9(s, _regularised_inverse(name, float(lam)))

@@ -126,6 +126,8 @@ class LevelConfig(_Strict):
     patience: int | None = Field(None, ge=1)  # early stopping on val accuracy, in epochs
     init: Literal["transfer", "random"] = "transfer"
     naive: bool = False  # to_resolution(naive=True): keep the stencils, move only W
+    lam: float = Field(0.0, ge=0)  # regularised stencil prolongation (mscnn.transfer.prolong_stencil)
+    galerkin: list[Literal["opening", "units"]] = ["opening", "units"]  # groups given Galerkin stencils
 
 
 class ScalingModel(_Strict):

@@ -46,8 +46,11 @@ def _transfer(prev: ODENet, cfg: ScheduleConfig, i: int) -> tuple[ODENet, list[s
     lv, target = cfg.levels[i], cfg.model_config_for(i)
     model, done = prev, []
     if model.config.n != target.n:
-        model = to_resolution(model, target.n, naive=lv.naive)
-        done.append(f"to_resolution({target.n}{', naive' if lv.naive else ''})")
+        model = to_resolution(model, target.n, naive=lv.naive, lam=lv.lam, galerkin=lv.galerkin)
+        opts = [", naive"] if lv.naive else []
+        opts += [f", lam={lv.lam:g}"] if lv.lam else []
+        opts += [f", galerkin={lv.galerkin}"] if set(lv.galerkin) != {"opening", "units"} else []
+        done.append(f"to_resolution({target.n}{''.join(opts)})")
     if model.config.unit_steps != target.unit_steps:
         model = to_depth(model, target.unit_steps)
         done.append(f"to_depth({target.unit_steps})")

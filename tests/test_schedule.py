@@ -38,7 +38,8 @@ def _run_dir(cfg):
 
 
 def test_two_level_schedule_hands_over_prolonged_weights_and_resumes(local_ray, tmp_path, mlflow_uri):
-    cfg = _cfg(tmp_path, [{"n": 8, "steps": 1, "epochs": 2}, {"n": 16, "steps": 1, "epochs": 1}])
+    cfg = _cfg(tmp_path, [{"n": 8, "steps": 1, "epochs": 2},
+                          {"n": 16, "steps": 1, "epochs": 1, "lam": 0.5, "galerkin": ["units"]}])
     res = run_schedule(cfg, log=lambda s: None)
     d = _run_dir(cfg)
     assert [s["epochs_run"] for s in res["stages"]] == [2, 1]
@@ -46,10 +47,12 @@ def test_two_level_schedule_hands_over_prolonged_weights_and_resumes(local_ray, 
     # the second stage started from the Galerkin-prolonged best checkpoint of the first
     coarse, _ = load_checkpoint(d / "L0-n8-N1.best")
     init, lineage = load_checkpoint(d / "L1-n16-N1.init")
-    want = to_resolution(coarse, 16)
+    want = to_resolution(coarse, 16, lam=0.5, galerkin=["units"])
     for k, v in want.state_dict().items():
         torch.testing.assert_close(init.state_dict()[k], v, rtol=0, atol=0)
-    assert lineage["transfers"] == ["to_resolution(16)"] and lineage["from"].endswith("L0-n8-N1.best")
+    assert torch.equal(init.opening.weight, coarse.opening.weight)  # not in galerkin: kept
+    assert lineage["transfers"] == ["to_resolution(16, lam=0.5, galerkin=['units'])"]
+    assert lineage["from"].endswith("L0-n8-N1.best")
     fine, _ = load_checkpoint(res["checkpoint"])
     assert fine.n == 16
     assert not torch.equal(fine.units[0].K, init.units[0].K)  # and it trained from there

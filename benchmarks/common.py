@@ -1,0 +1,48 @@
+"""Shared by the benchmarks: the machine line, table formatting and logging results to MLflow."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/x.py` from the repository root
+    sys.path.insert(0, str(ROOT))
+
+
+def machine() -> str:
+    """One line naming the machine, the date and the library versions."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, {gpu}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} torch threads")
+
+
+def mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} +- {sd:.2f}"
+
+
+def log_benchmark(name: str, params: dict, metrics: dict[str, float], files: list[Path]) -> str | None:
+    """One MLflow run (experiment ``mscnn-benchmarks``, tracking URI as everywhere in the project)
+    with ``params``, ``metrics`` and the result ``files`` as artifacts. Returns the run id, or None
+    (with a message) when MLflow cannot be reached: a benchmark's numbers are never lost to that."""
+    try:
+        from pipelines.tracking import Tracker
+
+        tr = Tracker("mscnn-benchmarks")
+        run = tr.start_run(name, tags={"kind": "benchmark", "benchmark": name}, params=params)
+        tr.log_metrics(run, metrics, step=0)
+        for f in files:
+            tr.log_artifacts(run, f)
+        tr.end_run(run)
+        print(f"logged to MLflow: {tr.uri} run {run}")
+        return run
+    except Exception as e:  # noqa: BLE001 - report and keep the files
+        print(f"MLflow logging skipped: {type(e).__name__}: {e}")
+        return None
