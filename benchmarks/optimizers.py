@@ -63,6 +63,13 @@ def main() -> None:
     train, val = d["train"], Split(d["val"].x[:2000], d["val"].y[:2000])
     res = {}
 
+    if args.budget > 0:
+        part1(args, train, val, res)
+    depth = part2(args, train, val, res)
+    report(args, res, depth)
+
+
+def part1(args, train: Split, val: Split, res: dict) -> None:
     print("part 1: BCD vs Adam, same wall-clock budget")
     torch.manual_seed(0)
     net_b = ODENet(channels=16, steps=2, n=28)
@@ -82,6 +89,8 @@ def main() -> None:
 
     res["adam"] = race("adam", adam_step, (net_a, val), args.budget, 50)
 
+
+def part2(args, train: Split, val: Split, res: dict) -> dict:
     print("part 2: shallow to deep with BCD, multilevel vs random initialisation")
     depth = {"multilevel": [], "random": []}
     prev = None
@@ -109,10 +118,13 @@ def main() -> None:
             if mode == "multilevel":
                 prev = net
     res["depth"] = depth
+    return depth
 
+
+def report(args, res: dict, depth: dict) -> None:
     print("\n| optimiser | iterations | seconds | best val acc | first it >= 90% | s to 90% | "
           "first it >= 95% | s to 95% |\n|---|---|---|---|---|---|---|---|")
-    for name in ("bcd", "adam"):
+    for name in [k for k in ("bcd", "adam") if k in res]:
         r = res[name]
         row = [name, r[-1]["iter"], f"{r[-1]['seconds']:.0f}",
                f"{100 * max(p['val_accuracy'] for p in r):.2f}%"]
@@ -120,13 +132,18 @@ def main() -> None:
             hit = next((p for p in r if p["val_accuracy"] >= thr), None)
             row += [hit["iter"] if hit else "-", f"{hit['seconds']:.0f}" if hit else "-"]
         print("| " + " | ".join(map(str, row)) + " |")
-    print("\n| steps | init | loss at start | val acc at start | loss after | val acc after |\n"
-          "|---|---|---|---|---|---|")
+    lines = ["| steps | init | loss at start | val acc at start | loss after | val acc after | "
+             "seconds |", "|---|---|---|---|---|---|---|"]
     for i, N in enumerate(args.depth_levels):
         for mode in ("multilevel", "random"):
             r = depth[mode][i]
-            print(f"| {N} | {mode} | {r['init_loss']:.3f} | {100 * r['init_val_accuracy']:.2f}% | "
-                  f"{r['iters'][-1]['loss']:.3f} | {100 * r['iters'][-1]['val_accuracy']:.2f}% |")
+            lines.append(f"| {N} | {mode} | {r['init_loss']:.3f} | {100 * r['init_val_accuracy']:.2f}% | "
+                         f"{r['iters'][-1]['loss']:.3f} | {100 * r['iters'][-1]['val_accuracy']:.2f}% | "
+                         f"{sum(it['seconds'] for it in r['iters']):.0f} |")
+    print("\n" + "\n".join(lines))
+    md = Path(args.out).with_suffix(".md")
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(f"{vars(args)}\n\n" + "\n".join(lines) + "\n")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
 

@@ -21,6 +21,7 @@ __all__ = [
     "MNIST_SCALE",
     "Split",
     "find_mnist_dir",
+    "load_image_folder",
     "load_mnist",
     "mnist_splits",
     "read_idx",
@@ -202,3 +203,12 @@ def synthetic(count: int, n: int, seed: int = 0, classes: int = 4) -> tuple[np.n
                 x[i, 0, r + w : r + L - w, q + w : q + L - w] = 0
     x += 0.05 * rng.standard_normal(x.shape).astype(np.float32)
     return x, y.astype(np.int64)
+
+
+def load_image_folder(root: str | os.PathLike, size: int) -> tuple[list[str], Split]:
+    """Every image under ``root`` (class-per-folder) as ``(classes, Split)``: ``x`` float32 in
+    ``[0, 1]`` of shape ``(count, 3, size, size)``, ``y`` int64 labels."""
+    classes, items = list_image_folder(root)
+    x = np.stack([read_image(f, size) for f, _ in items]).astype(np.float32) / 255.0
+    y = np.array([label for _, label in items], dtype=np.int64)
+    return classes, Split(torch.from_numpy(x), torch.from_numpy(y))

@@ -1,0 +1,120 @@
+"""Algorithm 1 vs single-scale training on MNIST: wall-clock and fine-grid-equivalent compute to
+reach validation accuracy targets, with 1, 2 and 3 levels.
+
+    python benchmarks/multiscale_training.py [--epochs 8 4 6] [--targets 0.97 0.98 0.99]
+
+Plain PyTorch (``mscnn.train.fit``; the Ray pipeline runs the same per-level loop, see
+``system_overhead.py`` for its cost). 1 level: ``--epochs[0]`` epochs at 28x28. 2 levels:
+``--epochs[1]`` at 14x14, ``to_resolution`` (``--transfer``), then ``--epochs[2]`` at 28x28. 3 levels:
+``--epochs[1]`` at 7x7 and at 14x14, then ``--epochs[2]`` at 28x28. Adam lr 1e-2, cosine per level,
+batch 128, 50,000 training images (coarse = full-weighting restriction of the blurred image, sigma
+1, as in the pyramid); validation accuracy on 10,000 images after every epoch. Compute counts an
+epoch at ``n`` as ``(n / 28)^2`` fine epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from common import ROOT, log_benchmark, machine
+
+from mscnn.crossres import coarsen
+from mscnn.data import mnist_splits
+from mscnn.hierarchy import to_resolution
+from mscnn.ode import ODENet
+from mscnn.train import accuracy, fit
+
+
+def run(name: str, plan: list[tuple[int, int]], data: dict, args) -> dict:
+    torch.manual_seed(args.seed)
+    net, t_train, compute, curve = None, 0.0, 0.0, []
+    for n, epochs in plan:
+        if net is None:
+            net = ODENet(n=n, channels=args.channels, steps=2)
+        elif net.n != n:
+            net = to_resolution(net, n, naive=args.transfer == "naive", lam=args.lam)
+            curve.append({"n": n, "epoch": -1, "seconds": t_train, "fine_equiv": compute,
+                          "val_acc": accuracy(net, data[n][1]), "event": "transferred"})
+        train, val = data[n]
+
+        def on_epoch(e, rec, n=n, val=val, net=net):
+            nonlocal t_train, compute
+            t_train += rec["seconds"]
+            compute += (n / 28) ** 2
+            curve.append({"n": n, "epoch": e, "seconds": t_train, "fine_equiv": compute,
+                          "val_acc": accuracy(net, val)})
+            print(f"  {name}: n={n} epoch {e} val {100 * curve[-1]['val_acc']:.2f}% "
+                  f"({t_train:.0f} s, {compute:.2f} fine epochs)", flush=True)
+
+        fit(net, train, epochs, args.lr, 128, args.seed, on_epoch=on_epoch)
+    fine = [c for c in curve if c["n"] == 28]
+    out = {"name": name, "plan": plan, "curve": curve, "final": fine[-1]["val_acc"],
+           "best": max(c["val_acc"] for c in fine), "seconds": t_train, "fine_equiv": compute}
+    for t in args.targets:  # counted only on the fine grid's accuracy
+        hit = next((c for c in fine if c["val_acc"] >= t), None)
+        out[f"to_{t:g}"] = None if hit is None else {"seconds": hit["seconds"],
+                                                     "fine_equiv": hit["fine_equiv"]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, nargs=3, default=[8, 4, 6],
+                    metavar=("SINGLE", "COARSE", "FINE_AFTER"))
+    ap.add_argument("--targets", type=float, nargs="+", default=[0.97, 0.98, 0.99])
+    ap.add_argument("--transfer", choices=["galerkin", "naive"], default="galerkin")
+    ap.add_argument("--lam", type=float, default=0.0)
+    ap.add_argument("--channels", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    d = mnist_splits(args.data_dir)
+    data = {28: (d["train"], d["val"])}
+    for n, lv in ((14, 1), (7, 2)):
+        data[n] = tuple(coarsen(s, lv, 1.0, "full-weighting") for s in (d["train"], d["val"]))
+    single, coarse, after = args.epochs
+    plans = {"1 level (28)": [(28, single)],
+             "2 levels (14, 28)": [(14, coarse), (28, after)],
+             "3 levels (7, 14, 28)": [(7, coarse), (14, coarse), (28, after)]}
+    t0 = time.perf_counter()
+    rows = [run(name, plan, data, args) for name, plan in plans.items()]
+    head = (f"MNIST, ODENet {args.channels} channels 2 steps tanh, Adam lr {args.lr} cosine per level, "
+            f"transfer {args.transfer}{f' lam={args.lam:g}' if args.lam else ''}, seed {args.seed}; "
+            f"{machine()}; {time.perf_counter() - t0:.0f} s.")
+    cols = "".join(f" to {100 * t:g}%: s / fine epochs |" for t in args.targets)
+    md = [head, "", f"| schedule | final val % | best val % | train s | fine epochs |{cols}",
+          "|---|---|---|---|---|" + "---|" * len(args.targets)]
+    for r in rows:
+        hits = "".join(" not reached |" if r[f"to_{t:g}"] is None else
+                       f" {r[f'to_{t:g}']['seconds']:.0f} / {r[f'to_{t:g}']['fine_equiv']:.2f} |"
+                       for t in args.targets)
+        md.append(f"| {r['name']} | {100 * r['final']:.2f} | {100 * r['best']:.2f} | "
+                  f"{r['seconds']:.0f} | {r['fine_equiv']:.2f} |{hits}")
+    text = "\n".join(md)
+    print("\n" + text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"multiscale_training_{args.transfer}"
+    (out / f"{stem}.md").write_text(text + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    metrics = {}
+    for r in rows:
+        key = r["name"].split(" (")[0].replace(" ", "_")
+        metrics[f"{key}.final_val_acc"] = r["final"]
+        metrics[f"{key}.train_seconds"] = r["seconds"]
+        for t in args.targets:
+            if r[f"to_{t:g}"]:
+                metrics[f"{key}.seconds_to_{t:g}"] = r[f"to_{t:g}"]["seconds"]
+    log_benchmark(stem, vars(args), metrics, [out / f"{stem}.md", out / f"{stem}.json"])
+
+
+if __name__ == "__main__":
+    main()

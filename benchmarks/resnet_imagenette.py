@@ -1,0 +1,211 @@
+"""ResNet-34 on Imagenette (the paper's Sec. 4.3): coarse then fine vs fine only, early stopping.
+
+    python benchmarks/resnet_imagenette.py                       # reduced CPU run: 32 -> 64
+    python benchmarks/resnet_imagenette.py --fine 224 --coarse 112 --device cuda --max-epochs 30 \\
+        --patience 4 --batch 128                                 # the paper's sizes (GPU)
+
+Data: ``<data-dir>/train`` and ``<data-dir>/val`` (class folders; default ``MSCNN_DATA_DIR`` or
+``../shared/data`` + ``imagenet10``), resized to ``--fine``; coarse images are
+``restrict_image(gaussian_blur(x, 1))``, as in the pyramid. Schedules, each with AdamW, cosine
+learning rate per stage, random horizontal flips, early stopping on validation accuracy:
+
+* ``fine only``: train at the fine resolution;
+* ``coarse then fine``: train at the coarse resolution, move the network with
+  ``resnet_to_resolution`` (``--transfer``: galerkin or naive), recalibrate batch norm on fine images,
+  continue at the fine resolution.
+
+Reports best validation accuracy, wall-clock, fine-equivalent epochs (an epoch at resolution ``n``
+costs ``(n / fine)^2``), and the coarse network's accuracy on fine images before any fine training
+(naive, Galerkin, and each after batch-norm recalibration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import ROOT, log_benchmark, machine
+
+from mscnn.data import Split, load_image_folder
+from mscnn.recalibrate import recalibrate_batchnorm
+from mscnn.resnet import resnet34, resnet_to_resolution
+from mscnn.transfer import gaussian_blur, restrict_image
+
+
+def find_data(arg: str | None) -> Path:
+    cands = [Path(arg)] if arg else []
+    if os.environ.get("MSCNN_DATA_DIR"):
+        cands.append(Path(os.environ["MSCNN_DATA_DIR"]) / "imagenet10")
+    cands += [p / "shared" / "data" / "imagenet10" for p in [ROOT, *ROOT.parents]]
+    for c in cands:
+        if (c / "train").is_dir() and (c / "val").is_dir():
+            return c
+    raise FileNotFoundError(
+        "Imagenette not found: give --data-dir DIR (with train/ and val/ class folders) or set "
+        f"MSCNN_DATA_DIR; looked in {[str(c) for c in cands]}")
+
+
+@torch.no_grad()
+def evaluate(net, data: Split, device, batch: int) -> float:
+    net.eval()
+    correct = 0
+    for i in range(0, len(data), batch):
+        x = data.x[i : i + batch].to(device, non_blocking=True)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            correct += (net(x).argmax(1).cpu() == data.y[i : i + batch]).sum().item()
+    return correct / len(data)
+
+
+def train_stage(net, train: Split, val: Split, args, device, max_epochs: int, log) -> list[dict]:
+    """AdamW + cosine over ``max_epochs``, flips, early stopping (patience on val accuracy); the
+    network ends with its best weights."""
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.wd)
+    steps = max_epochs * -(-len(train) // args.batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=steps, pct_start=0.15)
+    g = torch.Generator().manual_seed(args.seed)
+    hist, best, best_state, bad = [], -1.0, None, 0
+    for epoch in range(max_epochs):
+        net.train()
+        t0 = time.perf_counter()
+        for idx in torch.randperm(len(train), generator=g).split(args.batch):
+            x, y = train.x[idx].to(device, non_blocking=True), train.y[idx].to(device)
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            x[flip.to(device)] = x[flip.to(device)].flip(-1)
+            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+        acc = evaluate(net, val, device, args.batch * 2)
+        hist.append({"epoch": epoch, "loss": loss.item(), "val_acc": acc, "seconds": secs})
+        log(f"  epoch {epoch}: loss {loss.item():.3f} val {100 * acc:.2f}% ({secs:.1f} s)")
+        if acc > best:
+            best, bad = acc, 0
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= args.patience:
+                log(f"  early stop after epoch {epoch}")
+                break
+    net.load_state_dict(best_state)
+    return hist
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--fine", type=int, default=64)
+    ap.add_argument("--coarse", type=int, default=32)
+    ap.add_argument("--max-epochs", type=int, default=6, help="per stage")
+    ap.add_argument("--patience", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--wd", type=float, default=5e-4)
+    ap.add_argument("--transfer", choices=["galerkin", "naive"], default="galerkin")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    if args.fine % args.coarse or (args.fine // args.coarse) & (args.fine // args.coarse - 1):
+        ap.error(f"--fine {args.fine} must be --coarse {args.coarse} times a power of 2")
+    device = torch.device(args.device)
+    levels = (args.fine // args.coarse).bit_length() - 1
+    t_all = time.perf_counter()
+    root = find_data(args.data_dir)
+    t0 = time.perf_counter()
+    classes, train = load_image_folder(root / "train", args.fine)
+    _, val = load_image_folder(root / "val", args.fine)
+    mean = train.x.mean(dim=(0, 2, 3), keepdim=True)
+    std = train.x.std(dim=(0, 2, 3), keepdim=True)
+    train, val = (Split((d.x - mean) / std, d.y) for d in (train, val))
+
+    def coarsen(d: Split) -> Split:
+        x = d.x
+        for _ in range(levels):
+            x = restrict_image(gaussian_blur(x, 1.0))
+        return Split(x.contiguous(), d.y)
+
+    train_c, val_c = coarsen(train, ), coarsen(val)
+    if device.type == "cuda":
+        train, val, train_c, val_c = (Split(d.x.to(device), d.y) for d in (train, val, train_c, val_c))
+    t_data = time.perf_counter() - t0
+    print(f"{len(train)} train / {len(val)} val images of {len(classes)} classes at {args.fine} and "
+          f"{args.coarse} from {root} in {t_data:.1f} s; device {device}", flush=True)
+    rows = {}
+
+    def new_net():
+        torch.manual_seed(args.seed)
+        net = resnet34(len(classes)).to(device)
+        return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
+
+    print(f"fine only ({args.fine}x{args.fine})", flush=True)
+    t0 = time.perf_counter()
+    net = new_net()
+    h = train_stage(net, train, val, args, device, args.max_epochs, print)
+    rows["fine only"] = dict(best_val=max(r["val_acc"] for r in h), seconds=time.perf_counter() - t0,
+                             epochs=len(h), fine_equiv=float(len(h)), history=h)
+
+    print(f"coarse ({args.coarse}x{args.coarse}) then fine", flush=True)
+    t0 = time.perf_counter()
+    net = new_net()
+    hc = train_stage(net, train_c, val_c, args, device, args.max_epochs, print)
+    t_coarse = time.perf_counter() - t0
+    before = {}
+    bn_batches = [train.x[i : i + args.batch] for i in range(0, min(len(train), 1024), args.batch)]
+    for name, naive in (("naive", True), ("galerkin", False)):
+        moved = resnet_to_resolution(net, levels, naive=naive)
+        before[name] = evaluate(moved, val, device, args.batch * 2)
+        recalibrate_batchnorm(moved, bn_batches)
+        before[f"{name} + BN recalibration"] = evaluate(moved, val, device, args.batch * 2)
+        if name == args.transfer:
+            chosen = moved
+    print("  coarse network on fine images: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in
+                                                          before.items()), flush=True)
+    hf = train_stage(chosen, train, val, args, device, args.max_epochs, print)
+    ratio = (args.coarse / args.fine) ** 2
+    rows["coarse then fine"] = dict(
+        best_val=max(r["val_acc"] for r in hf), seconds=time.perf_counter() - t0,
+        seconds_coarse=t_coarse, epochs=len(hc) + len(hf), fine_equiv=len(hc) * ratio + len(hf),
+        coarse_best_val=max(r["val_acc"] for r in hc), history_coarse=hc, history=hf,
+        coarse_net_on_fine_images=before, transfer=args.transfer)
+    target = rows["fine only"]["best_val"]
+    for r in rows.values():  # fine-grid epochs until the fine-only best is reached (None: never)
+        r["fine_epochs_to_fine_only_best"] = next(
+            (i + 1 for i, e in enumerate(r["history"]) if e["val_acc"] >= target), None)
+
+    head = (f"ResNet-34 (3x3 stem, stride 1; GAP -> softmax) on Imagenette ({len(train)} train / "
+            f"{len(val)} val, 10 classes), fine {args.fine}, coarse {args.coarse}; AdamW lr {args.lr} "
+            f"one-cycle per stage, batch {args.batch}, at most {args.max_epochs} epochs per stage, "
+            f"patience {args.patience}; {machine()}; device {device}; total "
+            f"{time.perf_counter() - t_all:.0f} s (data {t_data:.0f} s).")
+    md = [head, "", "| schedule | best val % | wall-clock s | epochs | fine-equivalent epochs | "
+          "fine epochs to the fine-only best |", "|---|---|---|---|---|---|"]
+    for k, r in rows.items():
+        md.append(f"| {k} | {100 * r['best_val']:.2f} | {r['seconds']:.0f} | {r['epochs']} | "
+                  f"{r['fine_equiv']:.2f} | {r['fine_epochs_to_fine_only_best']} |")
+    md += ["", f"Coarse network ({100 * rows['coarse then fine']['coarse_best_val']:.2f}% on "
+           f"{args.coarse}x{args.coarse}) on {args.fine}x{args.fine} images before fine training: "
+           + ", ".join(f"{k} {100 * v:.2f}%" for k, v in before.items()) + "."]
+    text = "\n".join(md)
+    print("\n" + text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"resnet34_imagenette_{args.coarse}_{args.fine}_{device.type}"
+    (out / f"{stem}.md").write_text(text + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    metrics = {f"{k.replace(' ', '_')}.{m}": v for k, r in rows.items() for m, v in r.items()
+               if isinstance(v, int | float)}
+    log_benchmark(stem, vars(args), metrics, [out / f"{stem}.md", out / f"{stem}.json"])
+
+
+if __name__ == "__main__":
+    main()
