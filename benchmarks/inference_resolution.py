@@ -31,13 +31,16 @@ from mscnn.transfer import prolong_image
 
 @torch.inference_mode()
 def throughput(fn, x: torch.Tensor, batch: int, repeats: int) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     for i in range(0, min(len(x), 2 * batch), batch):  # warm-up
         fn(x[i : i + batch])
     times = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         for i in range(0, len(x), batch):
             fn(x[i : i + batch])
+        sync()
         times.append(time.perf_counter() - t0)
     return len(x) / statistics.median(times)
 
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -56,9 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     fine = ODENet(n=28, channels=16, steps=2)
     fit(fine, d["train"], args.epochs, 1e-2, 128, 0)
-    fine.eval()
+    dev = torch.device(args.device)
+    fine.eval().to(dev)
     coarse = to_resolution(fine, 14).eval()
-    val14 = coarsen(d["val"], 1, 0.0, "full-weighting")
+    v = coarsen(d["val"], 1, 0.0, "full-weighting")
+    val14 = type(v)(v.x.to(dev), v.y.to(dev))
     a = throughput(coarse, val14.x, args.batch, args.repeats)
     b = throughput(lambda x: fine(prolong_image(x)), val14.x, args.batch, args.repeats)
     b_net = throughput(fine, prolong_image(val14.x), args.batch, args.repeats)
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     acc_a, acc_b = accuracy(coarse, val14), accuracy(fine, up)
     head = (f"10,000 MNIST validation images at 14x14; ODENet 16 channels, 2 steps, trained "
             f"{args.epochs} epoch(s) at 28x28; batch {args.batch}; median of {args.repeats}; "
-            f"{machine()}.")
+            f"{machine()}; device {dev}.")
     md = [head, "", "| path | images/s | accuracy % |", "|---|---|---|",
           f"| A: restricted network on 14x14 | {a:,.0f} | {100 * acc_a:.2f} |",
           f"| B: upsample to 28x28 + fine network | {b:,.0f} | {100 * acc_b:.2f} |",
@@ -76,13 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "inference_resolution.md").write_text(text + "\n")
+    stem = f"inference_resolution_{dev.type}"
+    (out / f"{stem}.md").write_text(text + "\n")
     data = {"args": vars(args), "restricted_img_s": a, "upsampled_img_s": b, "fine_only_img_s": b_net,
             "ratio": a / b, "restricted_acc": acc_a, "upsampled_acc": acc_b}
-    (out / "inference_resolution.json").write_text(json.dumps(data, indent=1))
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
     log_benchmark("inference_resolution", vars(args),
                   {k: v for k, v in data.items() if isinstance(v, float)},
-                  [out / "inference_resolution.md", out / "inference_resolution.json"])
+                  [out / f"{stem}.md", out / f"{stem}.json"])
 
 
 if __name__ == "__main__":

@@ -56,11 +56,12 @@ def main() -> None:
     ap.add_argument("--depth-levels", type=int, nargs="+", default=[2, 4, 8, 16])
     ap.add_argument("--depth-iters", type=int, default=5)
     ap.add_argument("--depth-batch", type=int, default=256)
+    ap.add_argument("--val-count", type=int, default=2000, help="validation images per evaluation")
     ap.add_argument("--out", default="outputs/benchmarks/optimizers.json")
     args = ap.parse_args()
     torch.manual_seed(0)
     d = mnist_splits()
-    train, val = d["train"], Split(d["val"].x[:2000], d["val"].y[:2000])
+    train, val = d["train"], Split(d["val"].x[: args.val_count], d["val"].y[: args.val_count])
     res = {}
 
     if args.budget > 0:

@@ -1,18 +1,45 @@
-"""`make bench`: every benchmark, each printing its table of side-by-side measurements."""
+"""`make bench`: every benchmark, each printing its table of side-by-side measurements.
 
+Results land in ``benchmarks/results/`` (markdown + JSON) and in MLflow (experiment
+``mscnn-benchmarks``); ``benchmarks/RESULTS.md`` collects them with the commands. ``--quick`` runs
+each with reduced settings (minutes instead of hours), to check that they all work.
+"""
+
+import argparse
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHES = [
+FULL = [
+    ["inference_resolution.py"],
+    ["system_overhead.py"],
     ["pyramid_build.py"],
-    ["optimizers.py"],
+    ["multiscale_training.py"],
+    ["transfer_methods.py", "--seeds", "0", "1", "2", "--jobs", "3", "--threads", "1"],
     ["cross_resolution.py", "--seeds", "0", "1", "2", "--epochs", "3", "--sigma", "0"],
-    ["cross_resolution.py", "--seeds", "0", "1", "2", "--epochs", "3", "--sigma", "1"],
+    ["resnet_imagenette.py"],
+    ["optimizers.py", "--budget", "480", "--depth-levels", "2", "4", "8", "16"],
+]
+QUICK = [
+    ["inference_resolution.py", "--repeats", "2"],
+    ["system_overhead.py", "--epochs", "1"],
+    ["multiscale_training.py", "--epochs", "1", "1", "1"],
+    ["transfer_methods.py", "--seeds", "0", "--epochs", "1", "--mr-epochs", "1", "--coarse", "14"],
+    ["resnet_imagenette.py", "--fine", "16", "--coarse", "8", "--max-epochs", "1"],
+    ["optimizers.py", "--budget", "10", "--depth-levels", "2", "4", "--depth-iters", "1"],
 ]
 
 if __name__ == "__main__":
-    for args in BENCHES:
-        print(f"\n=== {' '.join(args)}", flush=True)
-        subprocess.run([sys.executable, str(HERE / args[0]), *args[1:]], check=True)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = ap.parse_args()
+    for bench in QUICK if args.quick else FULL:
+        if args.out and bench[0] != "optimizers.py" and bench[0] != "pyramid_build.py":
+            bench = [*bench, "--out", args.out]
+        print(f"\n=== {' '.join(bench)}", flush=True)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, str(HERE / bench[0]), *bench[1:]], check=True)
+        print(f"=== {bench[0]}: {time.perf_counter() - t0:.0f} s", flush=True)
