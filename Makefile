@@ -22,7 +22,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(if $(QUICK),--quick)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mscnn pipelines tests benchmarks
