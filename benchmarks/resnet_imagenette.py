@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"resnet34_imagenette_{args.coarse}_{args.fine}_{device.type}"
+    stem = f"resnet34_imagenette_{args.coarse}_{args.fine}_{args.transfer}_{device.type}"
     (out / f"{stem}.md").write_text(text + "\n")
     (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     metrics = {f"{k.replace(' ', '_')}.{m}": v for k, r in rows.items() for m, v in r.items()
