@@ -46,6 +46,8 @@ def race(name: str, step, val: Split, budget: float, every: int) -> list[dict]:
             out.append({"iter": it, "seconds": spent, "loss": loss, "val_accuracy": accuracy(*val)})
             print(f"  {name:5s} it {it:5d} {spent:6.1f} s loss {loss:.4f} "
                   f"val {100 * out[-1]['val_accuracy']:.2f}%", flush=True)
+    if it and (not out or out[-1]["iter"] != it):  # the budget ended between records
+        out.append({"iter": it, "seconds": spent, "loss": loss, "val_accuracy": accuracy(*val)})
     return out
 
 
