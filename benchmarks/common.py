@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -46,3 +47,17 @@ def log_benchmark(name: str, params: dict, metrics: dict[str, float], files: lis
     except Exception as e:  # noqa: BLE001 - report and keep the files
         print(f"MLflow logging skipped: {type(e).__name__}: {e}")
         return None
+
+
+def publish(out: str | Path, stem: str, text: str, data: dict, params: dict,
+            metrics: dict[str, float]) -> list[Path]:
+    """Print a benchmark's table ``text``, write ``<out>/<stem>.md`` and ``<stem>.json`` (``data``)
+    and log both with ``params`` and ``metrics`` to MLflow (``log_benchmark``)."""
+    print("\n" + text)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / f"{stem}.md", out / f"{stem}.json"]
+    files[0].write_text(text.rstrip("\n") + "\n")
+    files[1].write_text(json.dumps(data, indent=1, default=str))
+    log_benchmark(stem, params, metrics, files)
+    return files

@@ -13,13 +13,11 @@ median of ``--repeats`` passes after a warm-up; the ideal ratio is 4 (a quarter 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
-from common import ROOT, log_benchmark, machine
+from common import ROOT, machine, publish
 
 from mscnn.crossres import coarsen
 from mscnn.data import mnist_splits
@@ -78,18 +76,10 @@ def main(argv: list[str] | None = None) -> None:
           f"| B: upsample to 28x28 + fine network | {b:,.0f} | {100 * acc_b:.2f} |",
           f"| (B without the upsampling) | {b_net:,.0f} | |",
           "", f"A / B = {a / b:.2f} (the limit is 4: a quarter of the pixels)."]
-    text = "\n".join(md)
-    print("\n" + text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"inference_resolution_{dev.type}"
-    (out / f"{stem}.md").write_text(text + "\n")
     data = {"args": vars(args), "restricted_img_s": a, "upsampled_img_s": b, "fine_only_img_s": b_net,
             "ratio": a / b, "restricted_acc": acc_a, "upsampled_acc": acc_b}
-    (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
-    log_benchmark("inference_resolution", vars(args),
-                  {k: v for k, v in data.items() if isinstance(v, float)},
-                  [out / f"{stem}.md", out / f"{stem}.json"])
+    publish(args.out, f"inference_resolution_{dev.type}", "\n".join(md), data, vars(args),
+            {k: v for k, v in data.items() if isinstance(v, float)})
 
 
 if __name__ == "__main__":

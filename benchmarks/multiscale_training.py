@@ -15,12 +15,10 @@ epoch at ``n`` as ``(n / 28)^2`` fine epochs.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
-from common import ROOT, log_benchmark, machine
+from common import ROOT, machine, publish
 
 from mscnn.crossres import coarsen
 from mscnn.data import mnist_splits
@@ -98,13 +96,6 @@ def main(argv: list[str] | None = None) -> None:
                        for t in args.targets)
         md.append(f"| {r['name']} | {100 * r['final']:.2f} | {100 * r['best']:.2f} | "
                   f"{r['seconds']:.0f} | {r['fine_equiv']:.2f} |{hits}")
-    text = "\n".join(md)
-    print("\n" + text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"multiscale_training_{args.transfer}"
-    (out / f"{stem}.md").write_text(text + "\n")
-    (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     metrics = {}
     for r in rows:
         key = r["name"].split(" (")[0].replace(" ", "_")
@@ -113,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         for t in args.targets:
             if r[f"to_{t:g}"]:
                 metrics[f"{key}.seconds_to_{t:g}"] = r[f"to_{t:g}"]["seconds"]
-    log_benchmark(stem, vars(args), metrics, [out / f"{stem}.md", out / f"{stem}.json"])
+    publish(args.out, f"multiscale_training_{args.transfer}", "\n".join(md),
+            {"args": vars(args), "rows": rows}, vars(args), metrics)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,13 @@ costs ``(n / fine)^2``), and the coarse network's accuracy on fine images before
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import ROOT, log_benchmark, machine
+from common import ROOT, machine, publish
 
 from mscnn.data import Split, load_image_folder
 from mscnn.recalibrate import recalibrate_batchnorm
@@ -195,16 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     md += ["", f"Coarse network ({100 * rows['coarse then fine']['coarse_best_val']:.2f}% on "
            f"{args.coarse}x{args.coarse}) on {args.fine}x{args.fine} images before fine training: "
            + ", ".join(f"{k} {100 * v:.2f}%" for k, v in before.items()) + "."]
-    text = "\n".join(md)
-    print("\n" + text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"resnet34_imagenette_{args.coarse}_{args.fine}_{args.transfer}_{device.type}"
-    (out / f"{stem}.md").write_text(text + "\n")
-    (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     metrics = {f"{k.replace(' ', '_')}.{m}": v for k, r in rows.items() for m, v in r.items()
                if isinstance(v, int | float)}
-    log_benchmark(stem, vars(args), metrics, [out / f"{stem}.md", out / f"{stem}.json"])
+    publish(args.out, f"resnet34_imagenette_{args.coarse}_{args.fine}_{args.transfer}_{device.type}",
+            "\n".join(md), {"args": vars(args), "rows": rows}, vars(args), metrics)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ materialisation, checkpoints, MLflow), and their ratios. The pyramid build vs a 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import ROOT, log_benchmark, machine
+from common import ROOT, machine, publish
 
 from mscnn.data import Split
 from mscnn.ode import ODENet
@@ -85,18 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     md += [f"| {a} | {b:,.0f} | {c:,.0f} | {d:.1f} |" for a, b, c, d in rows]
     md += ["", f"Ray / plain: {ray_loop / plain_loop:.2f} in the loop, {ray_e2e / plain_e2e:.2f} end "
            f"to end (each epoch of the stage also validates, checkpoints and logs to MLflow)."]
-    text = "\n".join(md)
-    print("\n" + text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "system_overhead.md").write_text(text + "\n")
     data = {"args": vars(args), "plain_loop_img_s": plain_loop, "ray_loop_img_s": ray_loop,
             "plain_e2e_img_s": plain_e2e, "ray_e2e_img_s": ray_e2e, "ray_init_s": t_init,
             "ray_history": hist, "plain_history": ph}
-    (out / "system_overhead.json").write_text(json.dumps(data, indent=1))
-    log_benchmark("system_overhead", vars(args), {k: v for k, v in data.items()
-                                                  if isinstance(v, float)},
-                  [out / "system_overhead.md", out / "system_overhead.json"])
+    publish(args.out, "system_overhead", "\n".join(md), data, vars(args),
+            {k: v for k, v in data.items() if isinstance(v, float)})
 
 
 if __name__ == "__main__":

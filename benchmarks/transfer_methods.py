@@ -16,13 +16,11 @@ last 10,000 training images) *and* the MNIST test file; ``lam`` is chosen on val
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import time
-from pathlib import Path
 
 import torch
-from common import ROOT, log_benchmark, machine, mean_sd
+from common import ROOT, machine, mean_sd, publish
 
 from mscnn.crossres import coarsen
 from mscnn.data import mnist_splits
@@ -155,21 +153,14 @@ def main(argv: list[str] | None = None) -> None:
     md = head + "\n"
     for n_c in args.coarse:
         md += f"\n### 28x28 <-> {n_c}x{n_c}\n\n" + table(rows, n_c, best_lam) + "\n"
-    print("\n" + md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "transfer_methods.md").write_text(md)
-    (out / "transfer_methods.json").write_text(json.dumps({"args": vars(args), "rows": rows,
-                                                          "best_lam": best_lam}, indent=1))
     metrics = {}
     for r in rows:
         if r["split"] == "test":
             key = f"test_acc.{r['coarse']}.{r['direction']}.{r['method']}".replace(" ", "_")
             key = "".join(c if c.isalnum() or c in "._-/" else "_" for c in key)
             metrics.setdefault(key, []).append(r["accuracy"])
-    log_benchmark("transfer_methods", vars(args) | {"seeds": args.seeds},
-                  {k: sum(v) / len(v) for k, v in metrics.items()},
-                  [out / "transfer_methods.md", out / "transfer_methods.json"])
+    publish(args.out, "transfer_methods", md, {"args": vars(args), "rows": rows, "best_lam": best_lam},
+            vars(args), {k: sum(v) / len(v) for k, v in metrics.items()})
 
 
 if __name__ == "__main__":
