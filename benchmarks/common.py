@@ -61,3 +61,36 @@ def publish(out: str | Path, stem: str, text: str, data: dict, params: dict,
     files[1].write_text(json.dumps(data, indent=1, default=str))
     log_benchmark(stem, params, metrics, files)
     return files
+
+
+def _numbers(d, prefix: str = "") -> dict[str, float]:
+    """The int/float leaves of a JSON result as MLflow metric names (``a.b.c``)."""
+    import re
+
+    out = {}
+    items = d.items() if isinstance(d, dict) else []
+    for k, v in items:
+        key = re.sub(r"[^\w.\-/ ]+", "_", f"{prefix}{k}")
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, int | float):
+            out[key] = float(v)
+        elif isinstance(v, dict):
+            out.update(_numbers(v, key + "."))
+    return out
+
+
+if __name__ == "__main__":  # log results written where MLflow was not installed (the GPU machine)
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Log a benchmark's result files (written elsewhere, "
+                                 "e.g. on a GPU machine without MLflow) to the MLflow experiment "
+                                 "mscnn-benchmarks: params from the JSON's 'args', metrics from its "
+                                 "numbers.")
+    ap.add_argument("json", type=Path)
+    ap.add_argument("files", type=Path, nargs="*", help="more artifacts (the .md beside it is added)")
+    a = ap.parse_args()
+    data = json.loads(a.json.read_text())
+    extra = [f for f in [a.json.with_suffix(".md"), *a.files] if f.exists()]
+    if log_benchmark(a.json.stem, data.get("args", {}), _numbers(data), [a.json, *extra]) is None:
+        sys.exit(1)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import machine, publish
 
 from mscnn.data import Split, mnist_splits
 from mscnn.hierarchy import to_depth
@@ -30,7 +31,7 @@ from mscnn.train import accuracy
 def _batches(train: Split, size: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     while True:
-        idx = torch.randint(0, len(train), (size,), generator=g)
+        idx = torch.randint(0, len(train), (size,), generator=g).to(train.x.device)
         yield train.x[idx], train.y[idx]
 
 
@@ -59,11 +60,14 @@ def main() -> None:
     ap.add_argument("--depth-iters", type=int, default=5)
     ap.add_argument("--depth-batch", type=int, default=256)
     ap.add_argument("--val-count", type=int, default=2000, help="validation images per evaluation")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the data moves there once)")
     ap.add_argument("--out", default="outputs/benchmarks/optimizers.json")
     args = ap.parse_args()
     torch.manual_seed(0)
     d = mnist_splits()
-    train, val = d["train"], Split(d["val"].x[: args.val_count], d["val"].y[: args.val_count])
+    dev = torch.device(args.device)
+    train = Split(d["train"].x.to(dev), d["train"].y.to(dev))
+    val = Split(d["val"].x[: args.val_count].to(dev), d["val"].y[: args.val_count].to(dev))
     res = {}
 
     if args.budget > 0:
@@ -75,8 +79,8 @@ def main() -> None:
 def part1(args, train: Split, val: Split, res: dict) -> None:
     print("part 1: BCD vs Adam, same wall-clock budget")
     torch.manual_seed(0)
-    net_b = ODENet(channels=16, steps=2, n=28)
-    net_a = ODENet(channels=16, steps=2, n=28)
+    net_b = ODENet(channels=16, steps=2, n=28).to(train.x.device)
+    net_a = ODENet(channels=16, steps=2, n=28).to(train.x.device)
     net_a.load_state_dict(net_b.state_dict())
     bcd, gen_b = BCD(net_b), _batches(train, args.batch, 0)
     res["bcd"] = race("bcd", lambda: bcd.step(*next(gen_b))["loss"], (net_b, val), args.budget, 2)
@@ -100,8 +104,8 @@ def part2(args, train: Split, val: Split, res: dict) -> dict:
     for N in args.depth_levels:
         for mode in ("multilevel", "random"):
             torch.manual_seed(N)
-            net = ODENet(channels=16, steps=N, n=28) if (mode == "random" or prev is None) \
-                else to_depth(prev, N)
+            net = ODENet(channels=16, steps=N, n=28).to(train.x.device) \
+                if (mode == "random" or prev is None) else to_depth(prev, N)
             opt, gen = BCD(net), _batches(train, args.depth_batch, N)
             x0, y0 = next(_batches(train, 2000, 99))
             with torch.no_grad():
@@ -120,35 +124,112 @@ def part2(args, train: Split, val: Split, res: dict) -> dict:
             depth[mode].append(rec)
             if mode == "multilevel":
                 prev = net
-    res["depth"] = depth
+        res["depth"] = depth
+        report(args, res, depth, quiet=True)  # what is done so far survives a stop or a timeout
     return depth
 
 
-def report(args, res: dict, depth: dict) -> None:
-    print("\n| optimiser | iterations | seconds | best val acc | first it >= 90% | s to 90% | "
-          "first it >= 95% | s to 95% |\n|---|---|---|---|---|---|---|---|")
-    for name in [k for k in ("bcd", "adam") if k in res]:
+def compute_to_target(depth: dict) -> dict | None:
+    """Wall-clock to the random-init final accuracy at the deepest level done: the random network's
+    seconds over its iterations, against the multilevel chain's seconds over every shallower level
+    plus its deepest level until it first reaches that accuracy (None where it never does)."""
+    if not depth["random"] or len(depth["multilevel"]) != len(depth["random"]):
+        return None
+    rnd, ml = depth["random"][-1], depth["multilevel"]
+    target = rnd["iters"][-1]["val_accuracy"]
+    before = sum(it["seconds"] for r in ml[:-1] for it in r["iters"])
+    spent, hit = before, None
+    if ml[-1]["init_val_accuracy"] >= target:  # already there when moved to this depth
+        hit = {"iter": 0, "seconds": spent}
+    for it in ml[-1]["iters"] if hit is None else []:
+        spent += it["seconds"]
+        if it["val_accuracy"] >= target:
+            hit = {"iter": it["iter"], "seconds": spent}
+            break
+    return {"steps": rnd["steps"], "target": target,
+            "random_seconds": sum(it["seconds"] for it in rnd["iters"]),
+            "random_iters": len(rnd["iters"]), "multilevel_shallower_seconds": before,
+            "multilevel_hit": hit}
+
+
+def plot_depth(depth: dict, path: Path) -> None:
+    """Validation accuracy and loss per BCD iteration, levels side by side on one axis (iteration 0
+    of a level is its starting point), multilevel vs random."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_a, ax_l) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for mode, style in (("multilevel", "-"), ("random", "--")):
+        x0 = 0
+        for i, r in enumerate(depth[mode]):
+            xs = [x0] + [x0 + it["iter"] for it in r["iters"]]
+            acc = [r["init_val_accuracy"]] + [it["val_accuracy"] for it in r["iters"]]
+            loss = [r["init_loss"]] + [it["loss"] for it in r["iters"]]
+            kw = dict(color="C0" if mode == "multilevel" else "C1", ls=style,
+                      label=mode if i == 0 else None)
+            ax_a.plot(xs, [100 * a for a in acc], **kw)
+            ax_l.plot(xs, loss, **kw)
+            if mode == "multilevel":
+                ax_a.annotate(f"N={r['steps']}", (x0, 100 * acc[0]), fontsize=8)
+            x0 = xs[-1] + 1
+    ax_a.set_ylabel("val accuracy %")
+    ax_l.set_ylabel("loss")
+    ax_l.set_xlabel("BCD iteration (levels in order)")
+    ax_a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(args, res: dict, depth: dict, quiet: bool = False) -> None:
+    out = print if not quiet else (lambda *a, **k: None)
+    if not quiet:
+        out("\n| optimiser | iterations | seconds | best val acc | first it >= 90% | s to 90% | "
+            "first it >= 95% | s to 95% |\n|---|---|---|---|---|---|---|---|")
+    for name in [k for k in ("bcd", "adam") if k in res and not quiet]:
         r = res[name]
         row = [name, r[-1]["iter"], f"{r[-1]['seconds']:.0f}",
                f"{100 * max(p['val_accuracy'] for p in r):.2f}%"]
         for thr in (0.90, 0.95):
             hit = next((p for p in r if p["val_accuracy"] >= thr), None)
             row += [hit["iter"] if hit else "-", f"{hit['seconds']:.0f}" if hit else "-"]
-        print("| " + " | ".join(map(str, row)) + " |")
+        out("| " + " | ".join(map(str, row)) + " |")
     lines = ["| steps | init | loss at start | val acc at start | loss after | val acc after | "
-             "seconds |", "|---|---|---|---|---|---|---|"]
-    for i, N in enumerate(args.depth_levels):
-        for mode in ("multilevel", "random"):
-            r = depth[mode][i]
-            lines.append(f"| {N} | {mode} | {r['init_loss']:.3f} | {100 * r['init_val_accuracy']:.2f}% | "
-                         f"{r['iters'][-1]['loss']:.3f} | {100 * r['iters'][-1]['val_accuracy']:.2f}% | "
-                         f"{sum(it['seconds'] for it in r['iters']):.0f} |")
-    print("\n" + "\n".join(lines))
-    md = Path(args.out).with_suffix(".md")
-    md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(f"{vars(args)}\n\n" + "\n".join(lines) + "\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+             "best val acc | seconds |", "|---|---|---|---|---|---|---|---|"]
+    for mode_recs in zip(depth["multilevel"], depth["random"], strict=False):
+        for mode, r in zip(("multilevel", "random"), mode_recs, strict=True):
+            lines.append(f"| {r['steps']} | {mode} | {r['init_loss']:.3f} | "
+                         f"{100 * r['init_val_accuracy']:.2f}% | {r['iters'][-1]['loss']:.3f} | "
+                         f"{100 * r['iters'][-1]['val_accuracy']:.2f}% | "
+                         f"{100 * max(it['val_accuracy'] for it in r['iters']):.2f}% | "
+                         f"{sum(it['seconds'] for it in r['iters']):.1f} |")
+    c = compute_to_target(depth)
+    if c:
+        res["compute_to_random_final"] = c
+        hit = c["multilevel_hit"]
+        lines += ["", f"Random init at {c['steps']} steps ends at {100 * c['target']:.2f}% after "
+                  f"{c['random_iters']} iterations, {c['random_seconds']:.1f} s. The multilevel chain "
+                  + (f"reaches it at iteration {hit['iter']} of {c['steps']} steps, {hit['seconds']:.1f} s "
+                     f"in all ({c['multilevel_shallower_seconds']:.1f} s of it on shallower levels): "
+                     f"{hit['seconds'] / c['random_seconds']:.2f}x the random run's time."
+                     if hit else f"does not reach it at {c['steps']} steps "
+                     f"({c['multilevel_shallower_seconds']:.1f} s on shallower levels).")]
+    text = f"{machine()}; {vars(args)}\n\n" + "\n".join(lines)
+    out_path = Path(args.out)
+    if quiet:  # a partial result, rewritten after every depth
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.with_suffix(".md").write_text(text + "\n")
+        out_path.write_text(json.dumps(res, indent=1))
+        return
+    metrics = {f"{mode}.{r['steps']}.val_accuracy": r["iters"][-1]["val_accuracy"]
+               for mode in depth for r in depth[mode]}
+    metrics.update({f"{k}.best_val_accuracy": max(p["val_accuracy"] for p in res[k])
+                    for k in ("bcd", "adam") if k in res})
+    if depth["multilevel"]:
+        plot_depth(depth, out_path.with_suffix(".png"))
+    publish(out_path.parent, out_path.stem, text, res, vars(args), metrics)
 
 
 if __name__ == "__main__":
