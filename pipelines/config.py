@@ -100,6 +100,7 @@ class OptimConfig(_Strict):
     alpha_space: float = Field(1e-4, ge=0)  # bcd: spatial smoothness of the classifier weights
     newton_steps: int = Field(5, ge=1)  # bcd
     cg_iters: int = Field(10, ge=1)  # bcd
+    damping: float = Field(1e-3, ge=0)  # bcd: Levenberg-Marquardt shift of the Gauss-Newton system
 
 
 class ModelConfig(_Strict):

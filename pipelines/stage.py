@@ -121,7 +121,7 @@ def train_func(config: dict) -> None:
     opt = sched = bcd = None
     if o["name"] == "bcd":  # the paper's optimiser, on the unwrapped model; reductions its own
         bcd = BCD(net.to(device), o["alpha_time"], o["alpha_space"], o["newton_steps"],
-                  o["cg_iters"], reduce=_mean_across_workers)
+                  o["cg_iters"], o["damping"], reduce=_mean_across_workers)
     else:
         opt = make_optimizer(model, o["name"], o["lr"])
         steps_per_epoch = -(-config["train_count"] // (o["batch_size"] * max(world, 1)))

@@ -65,7 +65,7 @@ class SweepConfig(BaseModel):
                 raise ValueError(f"base schedule not found: {p}") from None
             pyr = v.get("pyramid")
             if isinstance(pyr, str) and not Path(pyr).is_absolute():
-                v["pyramid"] = str(p.parent / pyr) if (p.parent / pyr).exists() else pyr
+                v["pyramid"] = str((p.parent / pyr).resolve()) if (p.parent / pyr).exists() else pyr
         return v
 
     @model_validator(mode="after")
@@ -98,6 +98,18 @@ class SweepConfig(BaseModel):
             return ScheduleConfig.model_validate(raw)
         except ValueError as e:
             raise ValueError(f"space: a sample {sample} gives an invalid schedule: {e}") from None
+
+
+def _with_absolute_paths(sweep: SweepConfig) -> SweepConfig:
+    """The sweep with the base schedule's relative paths (its pyramid file and ``pyramid_root``)
+    resolved against this process's directory: a Tune trial runs in its own trial directory, where
+    a relative path would point elsewhere (a missing pyramid file, or a pyramid rebuilt per trial)."""
+    base = json.loads(json.dumps(sweep.base))
+    base.setdefault("pyramid_root", ScheduleConfig.model_fields["pyramid_root"].default)
+    for key in ("pyramid", "pyramid_root"):
+        if isinstance(base[key], str) and not Path(base[key]).is_absolute():
+            base[key] = str(Path(base[key]).resolve())
+    return sweep.model_copy(update={"base": base})
 
 
 def _example(spec: dict) -> Any:
@@ -175,7 +187,7 @@ def run_sweep(sweep: SweepConfig, log=print) -> dict:
                 time_attr="fine_equiv_epochs", metric="val_accuracy", mode="max",
                 grace_period=sweep.grace_period, max_t=10_000)
         param_space = _tune_space(sweep.space) | {
-            "_sweep": sweep.model_dump(), "_sweep_id": sweep.name, "_mlflow_uri": uri,
+            "_sweep": _with_absolute_paths(sweep).model_dump(), "_sweep_id": sweep.name, "_mlflow_uri": uri,
             "_storage": str(storage / f"{sweep.name}-runs")}
         tuner = tune.Tuner(
             trainable, param_space=param_space,

@@ -3,23 +3,36 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import ScheduleConfig, load_config
 from pipelines.report import RunCurve, fig1_kernels, make_report, summary_rows
-from pipelines.sweep import SweepConfig, run_sweep
+from pipelines.sweep import SweepConfig, load_sweep, run_sweep
+
+BASE = {"name": "b", "kind": "single",
+        "pyramid": {"name": "syn", "source": {"kind": "synthetic", "size": 16, "count": 200}, "levels": 2},
+        "model": {"channels": 4, "classes": 4}, "levels": [{"n": 8, "steps": 1, "epochs": 1}]}
 
 
 def _sweep(tmp_path, space):
     return SweepConfig.model_validate({
         "name": "tiny", "storage_path": str(tmp_path / "sweeps"), "experiment": "sw",
-        "base": {"name": "b", "kind": "single",
-                 "pyramid": {"name": "syn", "source": {"kind": "synthetic", "size": 16, "count": 200},
-                             "levels": 2},
-                 "pyramid_root": str(tmp_path / "pyr"), "model": {"channels": 4, "classes": 4},
-                 "levels": [{"n": 8, "steps": 1, "epochs": 1}]},
-        "space": space,
+        "base": BASE | {"pyramid_root": str(tmp_path / "pyr")}, "space": space,
     })
+
+
+def _sweep_from_files(tmp_path, space):
+    """The same sweep as the user writes it: YAML files with paths relative to the working
+    directory (``tmp_path``) and to the schedule's own file."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "syn.yaml").write_text(yaml.safe_dump(BASE["pyramid"]))
+    (tmp_path / "configs" / "base.yaml").write_text(
+        yaml.safe_dump(BASE | {"pyramid": "syn.yaml", "pyramid_root": "pyr"}))
+    (tmp_path / "configs" / "sweep.yaml").write_text(yaml.safe_dump({
+        "name": "tiny", "storage_path": "sweeps", "experiment": "sw", "base": "base.yaml",
+        "space": space}))
+    return load_sweep(Path("configs") / "sweep.yaml")
 
 
 @pytest.mark.ray
@@ -27,9 +40,12 @@ def _sweep(tmp_path, space):
 def test_tiny_sweep_then_report_from_mlflow(local_ray, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    sweep = _sweep(tmp_path, {"levels.0.optim.lr": {"grid": [0.01, 0.003]},
-                              "model.pair": {"choice": ["average"]}})
+    monkeypatch.chdir(tmp_path)  # relative paths in the files, as in configs/sweep_*.yaml
+    sweep = _sweep_from_files(tmp_path, {"levels.0.optim.lr": {"grid": [0.01, 0.003]},
+                                         "model.pair": {"choice": ["average"]}})
     res = run_sweep(sweep, log=lambda s: None)
+    # trials run in their own directories, yet share the one pyramid under ./pyr
+    assert [p.name for p in (tmp_path / "pyr").iterdir()] == ["syn"]
     # the same sweep again continues with Tuner.restore: finished trials are not rerun
     logs = []
     again = run_sweep(sweep, log=logs.append)
