@@ -1,0 +1,34 @@
+"""Every YAML file shipped in ``configs/`` validates as what it is (sweep, schedule or pyramid), so
+the commands in the README do not fail on a stale config."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.config import ScheduleConfig, load_config
+from pipelines.pyramid import PyramidConfig
+from pipelines.sweep import SweepConfig, load_sweep
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs_of_each_kind():
+    names = {p.name for p in CONFIGS}
+    assert {"demo_single.yaml", "sweep_mnist.yaml", "sweep_bcd.yaml", "pyramid_mnist.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_validates(path):
+    raw = yaml.safe_load(path.read_text())
+    if "space" in raw:
+        cfg = load_sweep(path)
+        assert isinstance(cfg, SweepConfig)
+        # the base schedule's pyramid file was found next to it and read
+        assert isinstance(cfg.schedule({}).pyramid, PyramidConfig)
+    elif isinstance(raw.get("levels"), list):
+        cfg = load_config(path, ScheduleConfig)
+        assert cfg.name == raw["name"] and len(cfg.levels) == len(raw["levels"])
+    else:
+        cfg = load_config(path, PyramidConfig)
+        assert cfg.name == raw["name"]
