@@ -10,19 +10,68 @@ on coarse images and continued on fine ones.
 ``mscnn.transfer``; 1x1 convolutions, batch norm and the classifier are unchanged. The transfer is
 exact for stride-1 convolutions between grids of the same kind (``mscnn.transfer``); the stride-2
 3x3 convolutions get the same map, an approximation. ``naive=True`` copies the network unchanged.
+
+``ResNetConfig`` / ``build_resnet``: the network's description (with the image size ``n`` it is
+trained at), for checkpoints and schedules; ``build_resnet(cfg).config`` is ``cfg``, and
+``resnet_to_resolution`` updates ``n`` in the copy's config.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from torch import nn
 from torchvision.models import resnet34 as tv_resnet34
 
-from mscnn.transfer import prolong_stencil, restrict_stencil
+from mscnn.transfer import get_pair, prolong_stencil, restrict_stencil
 
-__all__ = ["resnet34", "resnet_to_resolution"]
+__all__ = ["ResNetConfig", "build_resnet", "resnet34", "resnet_to_resolution"]
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """A ``resnet34`` and the image size ``n`` it works at (global pooling accepts any n >= 8).
+
+    >>> ResNetConfig.from_dict(ResNetConfig(n=112).to_dict()) == ResNetConfig(n=112)
+    True
+    """
+
+    classes: int = 10
+    in_channels: int = 3
+    n: int = 224
+    stem_stride: int = 1
+    pair: str = "full-weighting"  # the transfer pair resnet_to_resolution uses in schedules
+
+    def __post_init__(self) -> None:
+        if self.n < 8:
+            raise ValueError(f"ResNetConfig.n: images must be at least 8x8, got n={self.n}")
+        if self.classes < 1 or self.in_channels < 1 or self.stem_stride not in (1, 2):
+            raise ValueError(f"ResNetConfig: classes and in_channels must be >= 1 and stem_stride "
+                             f"1 or 2, got {self.classes}, {self.in_channels}, {self.stem_stride}")
+        get_pair(self.pair)
+
+    def replace(self, **changes) -> ResNetConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ResNetConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"ResNetConfig: unknown fields {unknown}; valid: {sorted(known)}")
+        return cls(**d)
+
+
+def build_resnet(cfg: ResNetConfig) -> nn.Module:
+    """``resnet34`` as ``cfg`` describes it, with ``cfg`` attached as ``.config``."""
+    net = resnet34(cfg.classes, cfg.in_channels, cfg.stem_stride)
+    net.config = cfg
+    return net
 
 
 def resnet34(classes: int = 10, in_channels: int = 3, stem_stride: int = 1) -> nn.Module:
@@ -51,6 +100,10 @@ def resnet_to_resolution(model: nn.Module, levels: int, naive: bool = False,
     True
     """
     new = copy.deepcopy(model)
+    cfg = getattr(new, "config", None)
+    if isinstance(cfg, ResNetConfig):
+        n = cfg.n * 2**levels if levels >= 0 else cfg.n // 2**-levels
+        new.config = cfg.replace(n=n)
     if naive or levels == 0:
         return new
     for m in new.modules():

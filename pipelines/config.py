@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from mscnn.ode import ODENetConfig
+from mscnn.resnet import ResNetConfig
 from pipelines.pyramid import PyramidConfig
 
 M = TypeVar("M", bound=BaseModel)
@@ -104,8 +105,12 @@ class OptimConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """The ``ODENetConfig`` fields that do not change between levels (n and steps do)."""
+    """The network's fields that do not change between levels (n and steps do). ``arch: odenet``
+    is the paper's ODE network (``ODENetConfig``); ``arch: resnet34`` is its Sec. 4.3 ResNet-34
+    (``mscnn.resnet``: only ``in_channels``, ``classes`` and ``pair`` apply, and ``steps`` is
+    ignored)."""
 
+    arch: Literal["odenet", "resnet34"] = "odenet"
     in_channels: int = 1
     channels: int | list[int] = 16
     T: float = 2.0
@@ -171,16 +176,26 @@ class ScheduleConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_levels(self) -> ScheduleConfig:
-        for i, _ in enumerate(self.levels):
+        for i, lv in enumerate(self.levels):
             try:
                 self.model_config_for(i)
             except ValueError as e:
                 raise ValueError(f"levels.{i}: {e}") from None
+            if self.model.arch == "resnet34":
+                if lv.optim.name == "bcd":
+                    raise ValueError(f"levels.{i}.optim.name: bcd trains the ODE network "
+                                     "(model.arch: odenet), not resnet34")
+                if set(lv.galerkin) != {"opening", "units"}:
+                    raise ValueError(f"levels.{i}.galerkin: layer groups are ODE-network parts; "
+                                     "a resnet34 moves all its 3x3 convolutions (or none: naive)")
         return self
 
-    def model_config_for(self, i: int) -> ODENetConfig:
+    def model_config_for(self, i: int) -> ODENetConfig | ResNetConfig:
         lv = self.levels[i]
         m = self.model.model_dump()
+        if m.pop("arch") == "resnet34":
+            return ResNetConfig(classes=m["classes"], in_channels=m["in_channels"], n=lv.n,
+                                pair=m["pair"])
         return ODENetConfig(**m, n=lv.n, steps=lv.steps)
 
     def config_hash(self) -> str:

@@ -11,6 +11,7 @@ import torch
 from mscnn.checkpoint import load_checkpoint
 from mscnn.crossres import transfer_rows
 from mscnn.data import Split
+from mscnn.ode import ODENet
 from pipelines.pyramid import level_for, level_tensors, read_manifest
 from pipelines.tracking import Tracker
 
@@ -26,6 +27,10 @@ def evaluate_checkpoints(fine: str | os.PathLike, coarse: str | os.PathLike,
     the coarse images were made with it. Logs one MLflow run when ``experiment`` is given."""
     fine_m, _ = load_checkpoint(fine)
     coarse_m, _ = load_checkpoint(coarse)
+    for path, m in ((fine, fine_m), (coarse, coarse_m)):
+        if not isinstance(m, ODENet):
+            raise ValueError(f"checkpoint {path} holds a {type(m).__name__}; the cross-resolution "
+                             "table is for ODE networks (model.arch: odenet)")
     if fine_m.n <= coarse_m.n:
         raise ValueError(f"fine checkpoint {fine} (n={fine_m.n}) must be finer than coarse "
                          f"{coarse} (n={coarse_m.n})")

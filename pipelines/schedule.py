@@ -1,9 +1,9 @@
 """A schedule: levels trained one after another, each a Ray Train stage (``pipelines.stage``).
 
 Between levels the driver loads the stage's best checkpoint, moves it with ``mscnn.hierarchy``
-(``to_resolution`` when n changes, ``to_depth`` when the steps change), writes it as the next
-stage's initial checkpoint (with lineage) and starts that stage from it. A one-level schedule is
-the single-scale baseline: the same code path.
+(``to_resolution`` when n changes, ``to_depth`` when the steps change; ``resnet_to_resolution`` for
+``model.arch: resnet34``), writes it as the next stage's initial checkpoint (with lineage) and
+starts that stage from it. A one-level schedule is the single-scale baseline: the same code path.
 
 Storage: ``<storage_path>/<name>-<config hash>/`` holds one Ray Train run per stage (named
 ``<name>-<hash>-L<i>-n<n>-N<steps>``, so rerunning resumes it), ``L<i>.init`` (the incoming
@@ -14,14 +14,18 @@ every level with a ``done.json`` and resumes at the first unfinished one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from torch import nn
+
 from mscnn.checkpoint import load_checkpoint, save_checkpoint
 from mscnn.hierarchy import to_depth, to_resolution
-from mscnn.ode import ODENet
+from mscnn.models import cost
+from mscnn.resnet import ResNetConfig, resnet_to_resolution
 from pipelines.config import ScheduleConfig
 from pipelines.pyramid import build_pyramid, level_for, read_manifest
 from pipelines.stage import StageSpec, run_stage
@@ -42,9 +46,18 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def _transfer(prev: ODENet, cfg: ScheduleConfig, i: int) -> tuple[ODENet, list[str]]:
+def _transfer(prev: nn.Module, cfg: ScheduleConfig, i: int) -> tuple[nn.Module, list[str]]:
     lv, target = cfg.levels[i], cfg.model_config_for(i)
     model, done = prev, []
+    if isinstance(target, ResNetConfig):
+        if model.config.n != target.n:
+            levels = round(math.log2(target.n / model.config.n))
+            if model.config.n * 2.0**levels != target.n:
+                raise ValueError(f"levels.{i}.n: {target.n} is not {model.config.n} times a power of 2")
+            model = resnet_to_resolution(model, levels, naive=lv.naive, pair=target.pair, lam=lv.lam)
+            opts = (", naive" if lv.naive else "") + (f", lam={lv.lam:g}" if lv.lam else "")
+            done.append(f"resnet_to_resolution({target.n}{opts})")
+        return model, done
     if model.config.n != target.n:
         model = to_resolution(model, target.n, naive=lv.naive, lam=lv.lam, galerkin=lv.galerkin)
         opts = [", naive"] if lv.naive else []
@@ -86,10 +99,9 @@ def run_schedule(cfg: ScheduleConfig, log: Callable[[str], None] = print,
         tracker.log_dict(ids["parent"], cfg.model_dump(), "config.json")
         _write_json(ids_file, ids)
 
-    ref = cfg.model_config_for(len(cfg.levels) - 1)  # the finest/deepest level: compute unit
-    ref_cost = ref.n**2 * sum(ref.unit_steps)
+    ref_cost = cost(cfg.model_config_for(len(cfg.levels) - 1))  # the finest/deepest level: the unit
     outcomes: list[dict] = []
-    prev: ODENet | None = None
+    prev: nn.Module | None = None
     epoch_offset, wallclock, compute = 0, 0.0, 0.0
     t_start = time.perf_counter()
     for i, lv in enumerate(cfg.levels):
@@ -107,12 +119,14 @@ def run_schedule(cfg: ScheduleConfig, log: Callable[[str], None] = print,
                 moved, transfers = _transfer(prev, cfg, i)
                 lineage |= {"from": outcomes[-1]["checkpoint"], "transfers": transfers}
                 init = str(save_checkpoint(run_dir / f"{name}.init", moved, lineage))
-            log(f"[{i + 1}/{len(cfg.levels)}] {name}: {lv.epochs} epoch(s) at {lv.n}x{lv.n}, "
-                f"steps {mcfg.unit_steps}, from {' + '.join(lineage['transfers']) or 'random weights'}")
+            steps = getattr(mcfg, "unit_steps", None)
+            log(f"[{i + 1}/{len(cfg.levels)}] {name}: {lv.epochs} epoch(s) at {lv.n}x{lv.n}"
+                + (f", steps {steps}" if steps else f", {cfg.model.arch}")
+                + f", from {' + '.join(lineage['transfers']) or 'random weights'}")
             run_id = ids.get(name) or tracker.start_run(
                 name, parent_id=ids["parent"],
                 tags={"kind": cfg.kind, "config_hash": chash, "stage": name, "level": str(i)},
-                params={"n": lv.n, "steps": mcfg.unit_steps, "epochs": lv.epochs,
+                params={"n": lv.n, "steps": steps, "arch": cfg.model.arch, "epochs": lv.epochs,
                         "optim": lv.optim.model_dump(), "patience": lv.patience, "init": lv.init,
                         "transfers": lineage["transfers"], "pyramid_level": levels[i]})
             ids[name] = run_id
@@ -122,7 +136,7 @@ def run_schedule(cfg: ScheduleConfig, log: Callable[[str], None] = print,
                 optim=lv.optim.model_dump(), patience=lv.patience, seed=cfg.seed + i,
                 init_checkpoint=init, lineage=lineage, epoch_offset=epoch_offset,
                 wallclock_offset=wallclock, compute_offset=compute,
-                compute_per_epoch=mcfg.n**2 * sum(mcfg.unit_steps) / ref_cost, extra=extra or {})
+                compute_per_epoch=cost(mcfg) / ref_cost, extra=extra or {})
             mlflow = {"uri": tracker.uri, "experiment": cfg.experiment, "run_id": run_id}
             result = run_stage(spec, str(pyramid), str(run_dir), cfg.scaling.model_dump(),
                                cfg.max_failures, mlflow, cfg.materialize_data,
@@ -140,7 +154,7 @@ def run_schedule(cfg: ScheduleConfig, log: Callable[[str], None] = print,
             best_dir = save_checkpoint(run_dir / f"{name}.best", model,
                                        {**lineage, "best_of": best.path})
             last = history[-1]
-            out = {"stage": name, "level": i, "n": lv.n, "steps": mcfg.unit_steps,
+            out = {"stage": name, "level": i, "n": lv.n, "steps": steps,
                    "epochs_run": len(history), "best_val_accuracy": max(h["val_accuracy"]
                                                                         for h in history),
                    "seconds": state["seconds"], "checkpoint": str(best_dir), "history": history,

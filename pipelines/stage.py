@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mscnn.checkpoint import load_checkpoint, save_checkpoint
-from mscnn.ode import ODENet, ODENetConfig
+from mscnn.models import ModelConfig, build_model, config_from_dict, config_to_dict
 from mscnn.optim import BCD
 from mscnn.train import make_optimizer
 
@@ -82,7 +82,7 @@ def _validate(model, val_ds, scale, device) -> tuple[float, float, float]:
     return loss, correct, total
 
 
-def _save(dirpath: str, model: ODENet, opt, sched, state: dict, lineage: dict) -> None:
+def _save(dirpath: str, model: torch.nn.Module, opt, sched, state: dict, lineage: dict) -> None:
     save_checkpoint(Path(dirpath) / "model", model, lineage)
     torch.save({"optimizer": opt.state_dict() if opt else None,
                 "scheduler": sched.state_dict() if sched else None}, Path(dirpath) / "optimizer.pt")
@@ -97,7 +97,7 @@ def train_func(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg = ODENetConfig.from_dict(config["model"])
+    cfg = config_from_dict(config["model"])
     opt_state, state = None, {"epoch": -1, "best": -1.0, "bad_epochs": 0, "seconds": 0.0, "step": 0,
                               "history": []}
     resumed = ray.train.get_checkpoint()
@@ -110,7 +110,7 @@ def train_func(config: dict) -> None:
         model, _ = load_checkpoint(config["init_checkpoint"])
     else:
         torch.manual_seed(config["seed"])
-        model = ODENet(cfg)
+        model = build_model(cfg)
     if model.config != cfg:
         raise ValueError(f"stage {config['stage']}: checkpoint architecture {model.config} "
                          f"differs from the level's {cfg}")
@@ -185,7 +185,7 @@ def train_func(config: dict) -> None:
             "val_loss": vloss / max(total, 1),
             "images_per_s": imgs, "stage_seconds": state["seconds"],
             "wallclock": config["wallclock_offset"] + state["seconds"],
-            "fine_equiv_epochs": compute, "n": cfg.n, "steps": sum(cfg.unit_steps),
+            "fine_equiv_epochs": compute, "n": cfg.n, "steps": sum(getattr(cfg, "unit_steps", [0])),
         }
         state["history"].append(metrics)
         stop = config.get("patience") is not None and state["bad_epochs"] >= config["patience"]
@@ -207,7 +207,7 @@ class StageSpec:
     """What the driver hands one stage."""
 
     name: str  # deterministic: rerunning with the same name resumes the stage
-    model: ODENetConfig
+    model: ModelConfig
     level: int  # pyramid level
     epochs: int
     optim: dict
@@ -246,7 +246,7 @@ def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
     elif use_gpu and not gpus:
         raise ValueError("scaling.use_gpu: true, but the Ray cluster has no GPUs")
     config = {
-        "stage": spec.name, "model": spec.model.to_dict(), "epochs": spec.epochs,
+        "stage": spec.name, "model": config_to_dict(spec.model), "epochs": spec.epochs,
         "optim": spec.optim, "patience": spec.patience, "seed": spec.seed,
         "init_checkpoint": spec.init_checkpoint, "lineage": spec.lineage,
         "epoch_offset": spec.epoch_offset, "wallclock_offset": spec.wallclock_offset,

@@ -15,7 +15,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 def test_there_are_configs_of_each_kind():
     names = {p.name for p in CONFIGS}
-    assert {"demo_single.yaml", "sweep_mnist.yaml", "sweep_bcd.yaml", "pyramid_mnist.yaml"} <= names
+    assert {"demo_single.yaml", "sweep_mnist.yaml", "sweep_bcd.yaml", "pyramid_mnist.yaml",
+            "imagenet10_resnet.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -32,3 +33,8 @@ def test_shipped_config_validates(path):
     else:
         cfg = load_config(path, PyramidConfig)
         assert cfg.name == raw["name"]
+
+
+def test_the_depth_schedule_doubles_to_64_steps():
+    depth = load_config(CONFIGS[0].parent / "mnist_depth.yaml", ScheduleConfig)
+    assert [lv.steps for lv in depth.levels] == [2, 4, 8, 16, 32, 64]

@@ -1,14 +1,18 @@
 """ResNet-34 (Sec. 4.3) and its transfer across resolutions; image folders as tensors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
+from mscnn.checkpoint import load_checkpoint, save_checkpoint
 from mscnn.data import load_image_folder
-from mscnn.resnet import resnet34, resnet_to_resolution
+from mscnn.resnet import ResNetConfig, build_resnet, resnet34, resnet_to_resolution
 from mscnn.transfer import prolong_stencil, restrict_stencil
+from pipelines.config import ScheduleConfig
 
 
 def test_resnet34_has_a_3x3_stem_and_global_pooling_into_the_classifier():
@@ -60,3 +64,32 @@ def test_load_image_folder(tmp_path):
     (tmp_path / "a" / "bad.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="bad.png: cannot decode"):
         load_image_folder(tmp_path, 8)
+
+
+def test_resnet_checkpoint_round_trip_names_the_architecture(tmp_path):
+    torch.manual_seed(0)
+    net = build_resnet(ResNetConfig(classes=5, in_channels=1, n=16))
+    save_checkpoint(tmp_path / "c", net, {"stage": "x"})
+    assert json.loads((tmp_path / "c" / "model.json").read_text())["arch"] == "resnet34"
+    back, lineage = load_checkpoint(tmp_path / "c")
+    assert back.config == net.config and lineage == {"stage": "x"}
+    state = back.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    # moving it records the new resolution in the copy's config, not in the original's
+    assert resnet_to_resolution(net, 1).config.n == 32 and net.config.n == 16
+    assert resnet_to_resolution(net, -1, naive=True).config.n == 8
+    (tmp_path / "c" / "model.json").write_text(json.dumps({"arch": "vgg", "n": 16}))
+    with pytest.raises(ValueError, match=r"model\.json: unknown arch 'vgg'"):
+        load_checkpoint(tmp_path / "c")
+
+
+def test_resnet_schedules_reject_ode_network_options():
+    base = {"name": "r", "kind": "multiscale",
+            "pyramid": {"name": "syn", "source": {"kind": "synthetic", "size": 16}, "levels": 2},
+            "model": {"arch": "resnet34", "in_channels": 1, "classes": 4}}
+    cfg = ScheduleConfig.model_validate(base | {"levels": [{"n": 8}, {"n": 16, "naive": True}]})
+    assert cfg.model_config_for(1) == ResNetConfig(classes=4, in_channels=1, n=16)
+    with pytest.raises(ValueError, match=r"levels\.0\.optim\.name: bcd trains the ODE network"):
+        ScheduleConfig.model_validate(base | {"levels": [{"n": 8, "optim": {"name": "bcd"}}]})
+    with pytest.raises(ValueError, match=r"levels\.1\.galerkin: layer groups are ODE-network parts"):
+        ScheduleConfig.model_validate(base | {"levels": [{"n": 8}, {"n": 16, "galerkin": ["units"]}]})

@@ -1,6 +1,5 @@
 """Schedules on a real local Ray: Ray Train stages, handover, resume, fault tolerance, MLflow."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +8,8 @@ from mlflow.tracking import MlflowClient
 
 from mscnn.checkpoint import load_checkpoint
 from mscnn.hierarchy import to_depth, to_resolution
+from mscnn.resnet import ResNetConfig, resnet_to_resolution
+from mscnn.transfer import prolong_stencil
 from pipelines.config import ConfigError, ScheduleConfig, load_config
 from pipelines.schedule import run_schedule
 
@@ -146,13 +147,31 @@ def test_level_missing_from_pyramid_is_a_clear_error(local_ray, tmp_path, mlflow
         run_schedule(cfg, log=lambda s: None)
 
 
-def test_shipped_configs_validate():
-    root = Path(__file__).parents[1] / "configs"
-    for name in ("mnist_single", "mnist_multiscale", "mnist_depth", "demo_single", "demo_multiscale"):
-        cfg = load_config(root / f"{name}.yaml", ScheduleConfig)
-        assert cfg.levels and json.dumps(cfg.model_dump())
-    depth = load_config(root / "mnist_depth.yaml", ScheduleConfig)
-    assert [lv.steps for lv in depth.levels] == [2, 4, 8, 16, 32, 64]
+def test_resnet34_schedule_hands_over_galerkin_prolonged_convolutions(local_ray, tmp_path, mlflow_uri):
+    """``model.arch: resnet34`` (the paper's Sec. 4.3 network) through the same Ray Train stages:
+    coarse, then fine from ``resnet_to_resolution`` of the coarse stage's best checkpoint."""
+    cfg = _cfg(tmp_path, [{"n": 8, "epochs": 1, "optim": {"name": "adamw", "lr": 1e-3, "batch_size": 64}},
+                          {"n": 16, "epochs": 1, "optim": {"name": "adamw", "lr": 1e-3, "batch_size": 64}}],
+               name="resnet", model={"arch": "resnet34", "in_channels": 1, "classes": 4},
+               scaling={"num_workers": 1})
+    res = run_schedule(cfg, log=lambda s: None)
+    d = _run_dir(cfg)
+    coarse, _ = load_checkpoint(d / "L0-n8-N2.best")
+    init, lineage = load_checkpoint(d / "L1-n16-N2.init")
+    assert isinstance(coarse.config, ResNetConfig) and coarse.config.n == 8
+    assert init.config == ResNetConfig(classes=4, in_channels=1, n=16)
+    assert lineage["transfers"] == ["resnet_to_resolution(16)"]
+    # every 3x3 convolution is the Galerkin prolongation of the coarse one; the rest is copied
+    want = resnet_to_resolution(coarse, 1).state_dict()
+    for k, v in init.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=0)
+    torch.testing.assert_close(init.conv1.weight, prolong_stencil(coarse.conv1.weight), rtol=0, atol=0)
+    assert torch.equal(init.fc.weight, coarse.fc.weight)
+    fine, _ = load_checkpoint(res["checkpoint"])
+    assert fine.config.n == 16 and not torch.equal(fine.conv1.weight, init.conv1.weight)
+    assert [s["steps"] for s in res["stages"]] == [None, None]
+    assert res["fine_equiv_epochs"] == pytest.approx(0.25 + 1)  # cost ~ pixels
+    assert 0 <= res["stages"][1]["init"]["init_val_accuracy"] <= 1
 
 
 def test_bcd_optimizer_in_a_two_worker_ddp_stage(local_ray, tmp_path, mlflow_uri):
