@@ -19,25 +19,25 @@ from torch import nn
 from mscnn.ode import ODENet, ODENetConfig
 from mscnn.resnet import ResNetConfig, build_resnet
 
-__all__ = ["ARCHS", "ModelConfig", "build_model", "config_from_dict", "config_to_dict", "cost"]
+__all__ = ["ARCHS", "NetConfig", "build_model", "config_from_dict", "config_to_dict", "cost"]
 
-ModelConfig = ODENetConfig | ResNetConfig
+NetConfig = ODENetConfig | ResNetConfig
 ARCHS: dict[str, tuple[type, callable]] = {"odenet": (ODENetConfig, ODENet),
                                            "resnet34": (ResNetConfig, build_resnet)}
 
 
-def arch_of(cfg: ModelConfig) -> str:
+def arch_of(cfg: NetConfig) -> str:
     for name, (kind, _) in ARCHS.items():
         if isinstance(cfg, kind):
             return name
     raise TypeError(f"not a model config: {type(cfg).__name__}")
 
 
-def config_to_dict(cfg: ModelConfig) -> dict:
+def config_to_dict(cfg: NetConfig) -> dict:
     return {"arch": arch_of(cfg), **cfg.to_dict()}
 
 
-def config_from_dict(d: dict) -> ModelConfig:
+def config_from_dict(d: dict) -> NetConfig:
     d = dict(d)
     arch = d.pop("arch", "odenet")
     if arch not in ARCHS:
@@ -45,12 +45,12 @@ def config_from_dict(d: dict) -> ModelConfig:
     return ARCHS[arch][0].from_dict(d)
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def build_model(cfg: NetConfig) -> nn.Module:
     """A freshly initialised network for ``cfg`` (with ``.config == cfg``)."""
     return ARCHS[arch_of(cfg)][1](cfg)
 
 
-def cost(cfg: ModelConfig) -> float:
+def cost(cfg: NetConfig) -> float:
     """Relative cost of one image through the network, for fine-grid-equivalent compute between
     levels of one schedule: pixels times Euler steps (ODENet), pixels (ResNet)."""
     steps = sum(cfg.unit_steps) if isinstance(cfg, ODENetConfig) else 1

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mscnn.checkpoint import load_checkpoint, save_checkpoint
-from mscnn.models import ModelConfig, build_model, config_from_dict, config_to_dict
+from mscnn.models import NetConfig, build_model, config_from_dict, config_to_dict
 from mscnn.optim import BCD
 from mscnn.train import make_optimizer
 
@@ -207,7 +207,7 @@ class StageSpec:
     """What the driver hands one stage."""
 
     name: str  # deterministic: rerunning with the same name resumes the stage
-    model: ModelConfig
+    model: NetConfig
     level: int  # pyramid level
     epochs: int
     optim: dict
