@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ResNet-34 on Imagenette at the paper's sizes (Sec. 4.3) on one H100-class GPU: coarse (112) then
 # fine (224), Galerkin and naive handovers, vs fine only, early stopping; then inference across
-# resolution on the GPU. Measured on an NVIDIA H200: 52 s + 20 s (benchmarks/RESULTS.md).
+# resolution on the GPU. Measured on an NVIDIA H200: the ResNet part 52 s, the whole script inside
+# a 91-s call (benchmarks/RESULTS.md).
 # Needs torch + torchvision (the project installed, or its root on PYTHONPATH; MLflow is optional)
 # and the data: DATA=path/to/imagenet10 (train/ and val/ class folders), default
 # $MSCNN_DATA_DIR/imagenet10 or shared/data/imagenet10 in the working tree. Where MLflow was
