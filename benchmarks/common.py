@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -63,20 +64,17 @@ def publish(out: str | Path, stem: str, text: str, data: dict, params: dict,
     return files
 
 
-def _numbers(d, prefix: str = "") -> dict[str, float]:
-    """The int/float leaves of a JSON result as MLflow metric names (``a.b.c``)."""
-    import re
-
+def metrics_of(d, prefix: str = "") -> dict[str, float]:
+    """The int/float leaves of a nested dict (a JSON result) as MLflow metrics named ``a.b.c``,
+    each part reduced to letters, digits, ``-`` and ``_`` (``coarse then fine (naive)`` ->
+    ``coarse_then_fine_naive``)."""
     out = {}
-    items = d.items() if isinstance(d, dict) else []
-    for k, v in items:
-        key = re.sub(r"[^\w.\-/ ]+", "_", f"{prefix}{k}")
-        if isinstance(v, bool):
-            continue
-        if isinstance(v, int | float):
+    for k, v in d.items() if isinstance(d, dict) else []:
+        key = prefix + re.sub(r"[^\w\-]+", "_", str(k)).strip("_")
+        if isinstance(v, int | float) and not isinstance(v, bool):
             out[key] = float(v)
         elif isinstance(v, dict):
-            out.update(_numbers(v, key + "."))
+            out.update(metrics_of(v, key + "."))
     return out
 
 
@@ -92,5 +90,5 @@ if __name__ == "__main__":  # log results written where MLflow was not installed
     a = ap.parse_args()
     data = json.loads(a.json.read_text())
     extra = [f for f in [a.json.with_suffix(".md"), *a.files] if f.exists()]
-    if log_benchmark(a.json.stem, data.get("args", {}), _numbers(data), [a.json, *extra]) is None:
+    if log_benchmark(a.json.stem, data.get("args", {}), metrics_of(data), [a.json, *extra]) is None:
         sys.exit(1)

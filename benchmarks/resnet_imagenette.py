@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import ROOT, machine, publish
+from common import ROOT, machine, metrics_of, publish
 
 from mscnn.data import Split, load_image_folder
 from mscnn.recalibrate import recalibrate_batchnorm
@@ -204,8 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     md += ["", f"Coarse network ({100 * max(r['val_acc'] for r in hc):.2f}% on "
            f"{args.coarse}x{args.coarse}) on {args.fine}x{args.fine} images before fine training: "
            + ", ".join(f"{k} {100 * v:.2f}%" for k, v in before.items()) + "."]
-    metrics = {re.sub(r"\W+", "_", k).strip("_") + f".{m}": v for k, r in rows.items()
-               for m, v in r.items() if isinstance(v, int | float)}
+    metrics = metrics_of(rows)
     stem = f"resnet34_imagenette_{args.coarse}_{args.fine}_{'_'.join(args.transfer)}_{device.type}"
     publish(args.out, stem, "\n".join(md), {"args": vars(args), "rows": rows}, vars(args), metrics)
 
