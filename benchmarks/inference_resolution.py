@@ -19,8 +19,7 @@ import time
 import torch
 from common import ROOT, machine, publish
 
-from mscnn.crossres import coarsen
-from mscnn.data import mnist_splits
+from mscnn.data import coarsen, mnist_splits
 from mscnn.hierarchy import to_resolution
 from mscnn.ode import ODENet
 from mscnn.train import accuracy, fit

@@ -25,7 +25,7 @@ from mscnn.data import Split, mnist_splits
 from mscnn.hierarchy import to_depth
 from mscnn.ode import ODENet
 from mscnn.optim import BCD
-from mscnn.train import accuracy
+from mscnn.train import TorchStep, accuracy
 
 
 def _batches(train: Split, size: int, seed: int):
@@ -95,15 +95,10 @@ def part1(args, train: Split, val: Split, res: dict) -> None:
         res["bcd"] = race("bcd", lambda: bcd.step(*next(gen_b))["loss"], (net_b, val), args.budget, 2)
     if "adam" not in args.optimizers:
         return
-    adam, gen_a = torch.optim.Adam(net_a.parameters(), 1e-2), _batches(train, 128, 0)
+    adam, gen_a = TorchStep(net_a, torch.optim.Adam(net_a.parameters(), 1e-2)), _batches(train, 128, 0)
 
     def adam_step():
-        x, y = next(gen_a)
-        loss = F.cross_entropy(net_a(x), y)
-        adam.zero_grad()
-        loss.backward()
-        adam.step()
-        return loss.item()
+        return float(adam(*next(gen_a)))
 
     res["adam"] = race("adam", adam_step, (net_a, val), args.budget, 50)
 

@@ -26,12 +26,13 @@ def _loop(cfg, out: Path) -> None:
     import pyarrow.parquet as pq
     from ray.data.extensions import ArrowTensorArray
 
-    from pipelines.pyramid import _load_source, _to_unit, next_level
+    from mscnn.data import unit_images
+    from pipelines.pyramid import _load_source, next_level
 
     _, _, splits = _load_source(cfg)
     for split, (x, y) in splits.items():
         for part, i in enumerate(range(0, len(y), cfg.shard_rows)):
-            cols = {"image": _to_unit(x[i : i + cfg.shard_rows])}
+            cols = {"image": unit_images(x[i : i + cfg.shard_rows])}
             for k in range(cfg.levels):
                 if k:
                     cols = next_level(cols, cfg.sigma, cfg.pair)

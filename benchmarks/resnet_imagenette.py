@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from common import ROOT, machine, metrics_of, publish
 
 from mscnn.data import Split, load_image_folder
 from mscnn.recalibrate import recalibrate_batchnorm
 from mscnn.resnet import resnet34, resnet_to_resolution
+from mscnn.train import TorchStep, evaluate, fit, split_batches
 from mscnn.transfer import gaussian_blur, restrict_image
 
 
@@ -51,54 +51,37 @@ def find_data(arg: str | None) -> Path:
         f"MSCNN_DATA_DIR; looked in {[str(c) for c in cands]}")
 
 
-@torch.no_grad()
-def evaluate(net, data: Split, device, batch: int) -> float:
-    net.eval()
-    correct = 0
-    for i in range(0, len(data), batch):
-        x = data.x[i : i + batch].to(device, non_blocking=True)
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            correct += (net(x).argmax(1).cpu() == data.y[i : i + batch]).sum().item()
-    return correct / len(data)
+def _flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random horizontal flips (half the batch, drawn from ``g``)."""
+    flip = (torch.rand(len(x), generator=g) < 0.5).to(x.device)
+    x[flip] = x[flip].flip(-1)
+    return x
+
+
+def _amp(device) -> torch.dtype | None:
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def evaluate_on(net, data: Split, device, batch: int) -> float:
+    return evaluate(net, split_batches(data, batch, device=device), _amp(device))["accuracy"]
 
 
 def train_stage(net, train: Split, val: Split, args, device, max_epochs: int, log) -> list[dict]:
-    """AdamW + cosine over ``max_epochs``, flips, early stopping (patience on val accuracy); the
-    network ends with its best weights."""
+    """AdamW + one-cycle over ``max_epochs``, flips, early stopping (patience on val accuracy) in
+    ``mscnn.train.fit``; the network ends with its best weights."""
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.wd)
     steps = max_epochs * -(-len(train) // args.batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=steps, pct_start=0.15)
-    g = torch.Generator().manual_seed(args.seed)
-    hist, best, best_state, bad = [], -1.0, None, 0
-    for epoch in range(max_epochs):
-        net.train()
-        t0 = time.perf_counter()
-        for idx in torch.randperm(len(train), generator=g).split(args.batch):
-            x, y = train.x[idx].to(device, non_blocking=True), train.y[idx].to(device)
-            flip = torch.rand(len(idx), generator=g) < 0.5
-            x[flip.to(device)] = x[flip.to(device)].flip(-1)
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                loss = F.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        secs = time.perf_counter() - t0
-        acc = evaluate(net, val, device, args.batch * 2)
-        hist.append({"epoch": epoch, "loss": loss.item(), "val_acc": acc, "seconds": secs})
-        log(f"  epoch {epoch}: loss {loss.item():.3f} val {100 * acc:.2f}% ({secs:.1f} s)")
-        if acc > best:
-            best, bad = acc, 0
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        else:
-            bad += 1
-            if bad >= args.patience:
-                log(f"  early stop after epoch {epoch}")
-                break
-    net.load_state_dict(best_state)
-    return hist
+    step = TorchStep(net, opt, sched, autocast=_amp(device))
+
+    def on_epoch(epoch: int, rec: dict) -> None:
+        rec["val_acc"] = rec["val_accuracy"]
+        log(f"  epoch {epoch}: loss {rec['loss']:.3f} val {100 * rec['val_acc']:.2f}% "
+            f"({rec['seconds']:.1f} s)")
+
+    return fit(net, train, max_epochs, batch_size=args.batch, seed=args.seed, step=step, val=val,
+               patience=args.patience, device=device, augment=_flip, autocast=_amp(device),
+               on_epoch=on_epoch)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,9 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     bn_batches = [train.x[i : i + args.batch] for i in range(0, min(len(train), 1024), args.batch)]
     for name, naive in (("naive", True), ("galerkin", False)):
         moved = resnet_to_resolution(net, levels, naive=naive)
-        before[name] = evaluate(moved, val, device, args.batch * 2)
+        before[name] = evaluate_on(moved, val, device, args.batch * 2)
         recalibrate_batchnorm(moved, bn_batches)
-        before[f"{name} + BN recalibration"] = evaluate(moved, val, device, args.batch * 2)
+        before[f"{name} + BN recalibration"] = evaluate_on(moved, val, device, args.batch * 2)
         if name in args.transfer:
             moved_nets[name] = moved
     print("  coarse network on fine images: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in

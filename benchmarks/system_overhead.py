@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     from pipelines.config import ScheduleConfig, load_config
-    from pipelines.pyramid import build_pyramid, level_tensors, read_manifest
+    from pipelines.pyramid import build_pyramid, input_scale, level_tensors, read_manifest
     from pipelines.schedule import run_schedule
 
     with tempfile.TemporaryDirectory(prefix="mscnn-overhead-") as tmp:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
         m = read_manifest(pyramid)
-        scale = torch.tensor([1.0 / s for s in m["normalisation"]["std"]]).view(1, -1, 1, 1)
+        scale = torch.tensor(input_scale(m)).view(1, -1, 1, 1)
         t0 = time.perf_counter()
         tr = level_tensors(pyramid, 0, "train")
         tr = Split(tr.x * scale, tr.y)

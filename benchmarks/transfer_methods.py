@@ -22,8 +22,7 @@ import time
 import torch
 from common import ROOT, machine, mean_sd, publish
 
-from mscnn.crossres import coarsen
-from mscnn.data import mnist_splits
+from mscnn.data import coarsen, mnist_splits
 from mscnn.hierarchy import to_resolution
 from mscnn.multires import fit_multiresolution
 from mscnn.ode import ODENet

@@ -1,8 +1,15 @@
 """Readers for the data sets the experiments use (plain numpy/torch, no Ray).
 
-MNIST comes as its four IDX ``.gz`` files. ``find_mnist_dir`` looks, in order, in the folder given,
-in ``$MSCNN_DATA_DIR`` (the folder itself or its ``mnist/`` sub-folder) and in ``../shared/data/mnist``
-beside the working copy; ``download=True`` fetches the files with torchvision where a network exists.
+Where data is looked up (``find_data_dir``), and nothing else: the folder given (only there, when
+one is given), else ``$MSCNN_DATA_DIR``, else ``DEFAULT_DATA_DIR`` (``shared/data`` beside the
+repository, where the project keeps its real data); in each, the folder itself or its sub-folder of
+the data set's name (``mnist``, ``imagenet10``). MNIST comes as its four IDX ``.gz`` files;
+``download=True`` fetches them with torchvision where a network exists.
+
+One split and one normalisation for every path: ``split_indices`` (a seeded random validation
+set, as the pyramid draws it) and ``channel_stats`` (per-channel mean/std of the training images in
+``[0, 1]``; images are divided by the std, never shifted). ``mnist_splits`` gives exactly the
+images and scale that ``mscnn train`` reads from a pyramid built with the same seed.
 """
 
 from __future__ import annotations
@@ -17,15 +24,22 @@ import numpy as np
 import torch
 
 __all__ = [
+    "DEFAULT_DATA_DIR",
     "MNIST_FILES",
     "MNIST_SCALE",
     "Split",
+    "channel_stats",
+    "coarsen",
+    "find_data_dir",
     "find_mnist_dir",
     "load_image_folder",
     "load_mnist",
     "mnist_splits",
     "read_idx",
+    "split_indices",
 ]
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -66,26 +80,23 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=head).reshape(shape)
 
 
-def _candidates(data_dir: str | os.PathLike | None) -> list[Path]:
-    out: list[Path] = []
-    for base in (data_dir, os.environ.get("MSCNN_DATA_DIR")):
-        if base:
-            out += [Path(base), Path(base) / "mnist"]
-    here = Path.cwd()
-    for up in (here, *here.parents):
-        out.append(up / "shared" / "data" / "mnist")
-        if len(out) > 12:
-            break
-    return out
+def find_data_dir(name: str, data_dir: str | os.PathLike | None = None,
+                  ok: callable = Path.is_dir) -> tuple[Path | None, list[Path]]:
+    """``(folder, tried)``: the first of ``data_dir`` (when given, only it), ``$MSCNN_DATA_DIR`` or
+    ``DEFAULT_DATA_DIR`` -- each itself or its ``name`` sub-folder -- for which ``ok(folder)``
+    holds; ``folder`` is ``None`` when none does."""
+    bases = [Path(data_dir)] if data_dir else (
+        [Path(os.environ["MSCNN_DATA_DIR"])] if os.environ.get("MSCNN_DATA_DIR") else [DEFAULT_DATA_DIR])
+    tried = [p for b in bases for p in (b, b / name)]
+    return next((p for p in tried if ok(p)), None), tried
 
 
 def find_mnist_dir(data_dir: str | os.PathLike | None = None, download: bool = False) -> Path:
     """The folder that holds the four MNIST files (see the module docstring for the search order)."""
     names = [f for pair in MNIST_FILES.values() for f in pair]
-    tried = _candidates(data_dir)
-    for d in tried:
-        if all((d / f).is_file() for f in names):
-            return d
+    found, tried = find_data_dir("mnist", data_dir, lambda d: all((d / f).is_file() for f in names))
+    if found:
+        return found
     if download:
         from torchvision.datasets import MNIST
 
@@ -94,7 +105,7 @@ def find_mnist_dir(data_dir: str | os.PathLike | None = None, download: bool = F
         return root / "MNIST" / "raw"
     raise FileNotFoundError(
         "MNIST files not found (need " + ", ".join(names) + "). Looked in: "
-        + ", ".join(str(d) for d in dict.fromkeys(tried))
+        + ", ".join(str(d) for d in tried)
         + ". Pass --data-dir, set MSCNN_DATA_DIR, or allow a download."
     )
 
@@ -127,20 +138,73 @@ class Split:
         return len(self.y)
 
 
-def mnist_splits(
-    data_dir: str | os.PathLike | None = None, n_train: int = 50_000, n_val: int = 10_000
-) -> dict[str, Split]:
-    """The paper's split: the first ``n_train`` training images for training, the last ``n_val``
-    for validation, and the test file kept as test."""
-    x, y = load_mnist("train", data_dir)
-    if n_train + n_val > len(y):
-        raise ValueError(f"mnist_splits: n_train + n_val = {n_train + n_val} > {len(y)} images")
-    xt, yt = load_mnist("test", data_dir)
-    return {
-        "train": Split(x[:n_train], y[:n_train]),
-        "val": Split(x[len(y) - n_val :], y[len(y) - n_val :]),
-        "test": Split(xt, yt),
-    }
+def coarsen(data: Split, levels: int, sigma: float, pair: str = "full-weighting") -> Split:
+    """``levels`` times ``restrict_image(gaussian_blur(x, sigma), pair)`` (a pyramid's step), in
+    chunks; labels kept."""
+    from mscnn.transfer import gaussian_blur, restrict_image
+
+    xs = []
+    for x in data.x.split(4096):
+        for _ in range(levels):
+            x = restrict_image(gaussian_blur(x, sigma), pair)
+        xs.append(x)
+    return Split(torch.cat(xs), data.y)
+
+
+def split_indices(count: int, n_val: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, val)`` indices, each sorted: a seeded random ``n_val`` of ``count`` for validation.
+    The pyramid (``pipelines.pyramid``) and ``mnist_splits`` both split with this.
+
+    >>> tr, va = split_indices(10, 3, seed=0)
+    >>> len(tr), len(va), sorted(set(tr) | set(va)) == list(range(10))
+    (7, 3, True)
+    """
+    if not 0 <= n_val <= count:
+        raise ValueError(f"split_indices: n_val={n_val} is not within 0..{count}")
+    perm = np.random.default_rng(seed).permutation(count)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def unit_images(x: np.ndarray) -> np.ndarray:
+    """Images as float32 in ``[0, 1]`` (uint8 divided by 255; float passed through)."""
+    return (x.astype(np.float32) / 255.0) if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+def channel_stats(x: np.ndarray) -> dict[str, list[float]]:
+    """Per-channel ``mean`` and ``std`` of images ``(N, C, n, n)`` in ``[0, 1]`` (uint8 scaled),
+    in float64 over chunks. One normalisation serves every level of a pyramid.
+
+    >>> channel_stats(np.array([[[[0, 255]]]], dtype=np.uint8))
+    {'mean': [0.5], 'std': [0.5]}
+    """
+    s, s2 = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    for i in range(0, len(x), 4096):
+        xi = unit_images(x[i : i + 4096]).astype(np.float64)
+        s += xi.sum(axis=(0, 2, 3))
+        s2 += (xi**2).sum(axis=(0, 2, 3))
+    count = len(x) * x.shape[2] * x.shape[3]
+    mean = s / count
+    return {"mean": mean.tolist(), "std": np.sqrt(np.maximum(s2 / count - mean**2, 0)).tolist()}
+
+
+def mnist_splits(data_dir: str | os.PathLike | None = None, n_val: int = 10_000,
+                 seed: int = 0) -> dict[str, Split]:
+    """The split ``mscnn train`` uses (a pyramid with ``n_val`` and ``seed``): a seeded random
+    ``n_val`` of the training file for validation, the rest for training, the test file as test;
+    every image divided by the training split's standard deviation (``channel_stats``)."""
+    d = find_mnist_dir(data_dir)
+    raw = {}
+    for split, (img_f, lab_f) in MNIST_FILES.items():
+        x, y = read_idx(d / img_f), read_idx(d / lab_f)
+        if len(x) != len(y):
+            raise ValueError(f"{d / img_f} has {len(x)} images but {d / lab_f} has {len(y)} labels")
+        raw[split] = (x[:, None], y.astype(np.int64))
+    x, y = raw["train"]
+    tr, va = split_indices(len(y), n_val, seed)
+    parts = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": raw["test"]}
+    std = np.asarray(channel_stats(parts["train"][0])["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+    return {k: Split(torch.from_numpy(unit_images(xi) / std), torch.from_numpy(yi))
+            for k, (xi, yi) in parts.items()}
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")

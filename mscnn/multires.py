@@ -10,19 +10,62 @@ them through the (linear) transfer maps.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from mscnn.data import Split
 from mscnn.hierarchy import LAYER_GROUPS, resolution_state
 from mscnn.ode import ODENet
-from mscnn.train import make_optimizer
+from mscnn.train import make_step, train_epoch
 
-__all__ = ["fit_multiresolution"]
+__all__ = ["LevelSampler", "MultiResolutionForward", "fit_multiresolution"]
+
+
+class MultiResolutionForward:
+    """``forward(x)`` for images of any resolution of the pyramid: ``model``'s parameters moved to
+    ``x``'s ``n`` by ``resolution_state`` (differentiable) and run through ``functional_call``."""
+
+    def __init__(self, model: ODENet, sizes, naive: bool = False, lam: float = 0.0,
+                 galerkin: tuple[str, ...] | list[str] = LAYER_GROUPS) -> None:
+        self.model, self.naive, self.lam, self.galerkin = model, naive, lam, tuple(galerkin)
+        # one template per resolution (its own parameters are never used: functional_call replaces them)
+        self.templates = {n: ODENet(resolution_state(model, n, naive=True)[0]) for n in sizes}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        _, state = resolution_state(self.model, n, naive=self.naive, lam=self.lam,
+                                    galerkin=self.galerkin)
+        return functional_call(self.templates[n], state, (x,))
+
+
+class LevelSampler:
+    """Batches from several pyramid levels: each batch from a level drawn uniformly at random
+    (seeded), a fresh slice of that level's own shuffled order (reshuffled when used up).
+    ``epoch()`` yields as many batches as one pass over the largest level; ``used`` counts the
+    batches per level in the last epoch."""
+
+    def __init__(self, levels: Mapping[int, Split], batch_size: int, seed: int = 0) -> None:
+        self.levels, self.batch_size = levels, batch_size
+        self.g = torch.Generator().manual_seed(seed)
+        self.sizes = list(levels)
+        self.orders = {n: torch.randperm(len(levels[n]), generator=self.g) for n in self.sizes}
+        self.cursor = dict.fromkeys(self.sizes, 0)
+        self.per_epoch = max(-(-len(d) // batch_size) for d in levels.values())
+        self.used = dict.fromkeys(self.sizes, 0)
+
+    def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.used = dict.fromkeys(self.sizes, 0)
+        bs = self.batch_size
+        for _ in range(self.per_epoch):
+            n = self.sizes[int(torch.randint(len(self.sizes), (1,), generator=self.g))]
+            if self.cursor[n] + bs > len(self.levels[n]):
+                self.orders[n], self.cursor[n] = torch.randperm(len(self.levels[n]), generator=self.g), 0
+            idx = self.orders[n][self.cursor[n] : self.cursor[n] + bs]
+            self.cursor[n] += bs
+            self.used[n] += 1
+            yield self.levels[n].x[idx], self.levels[n].y[idx]
 
 
 def fit_multiresolution(
@@ -40,10 +83,8 @@ def fit_multiresolution(
     on_epoch: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
     """Minimise the cross-entropy over all ``levels`` (``{n: Split of n x n images}``) with one set
-    of parameters (``model``'s, at ``model.n``, which need not be one of the levels).
-
-    An epoch is as many mini-batches as one pass over the largest level; each batch comes from a
-    level drawn uniformly at random (seeded) and is a fresh slice of that level's own shuffled order.
+    of parameters (``model``'s, at ``model.n``, which need not be one of the levels): the batches
+    of a ``LevelSampler`` through a ``MultiResolutionForward``, in ``mscnn.train.train_epoch``.
     Returns one record per epoch: ``epoch``, ``loss``, ``seconds`` and ``batches`` per level.
     """
     if not levels:
@@ -54,39 +95,13 @@ def fit_multiresolution(
                 f"fit_multiresolution: level {n} holds images of shape {tuple(data.x.shape)}, "
                 f"expected (B, C, {n}, {n})"
             )
-    # one template per resolution (its own parameters are never used: functional_call replaces them)
-    templates = {n: ODENet(resolution_state(model, n, naive=True)[0]) for n in levels}
-    opt = make_optimizer(model, optimizer, lr)
-    per_epoch = max(-(-len(d) // batch_size) for d in levels.values())
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * per_epoch) if cosine else None
-    g = torch.Generator().manual_seed(seed)
-    sizes = list(levels)
-    orders = {n: torch.randperm(len(levels[n]), generator=g) for n in sizes}
-    cursor = dict.fromkeys(sizes, 0)
+    sampler = LevelSampler(levels, batch_size, seed)
+    forward = MultiResolutionForward(model, list(levels), naive, lam, galerkin)
+    step = make_step(model, optimizer, lr, cosine, epochs * sampler.per_epoch, forward=forward)
     history = []
-    model.train()
     for epoch in range(epochs):
-        t0, total, count = time.perf_counter(), 0.0, 0
-        used = dict.fromkeys(sizes, 0)
-        for _ in range(per_epoch):
-            n = sizes[int(torch.randint(len(sizes), (1,), generator=g))]
-            if cursor[n] + batch_size > len(levels[n]):
-                orders[n], cursor[n] = torch.randperm(len(levels[n]), generator=g), 0
-            idx = orders[n][cursor[n] : cursor[n] + batch_size]
-            cursor[n] += batch_size
-            _, state = resolution_state(model, n, naive=naive, lam=lam, galerkin=galerkin)
-            logits = functional_call(templates[n], state, (levels[n].x[idx],))
-            loss = F.cross_entropy(logits, levels[n].y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched:
-                sched.step()
-            total += loss.item() * len(idx)
-            count += len(idx)
-            used[n] += 1
-        rec = {"epoch": epoch, "loss": total / count, "seconds": time.perf_counter() - t0,
-               "batches": used}
+        rec = train_epoch(step, sampler.epoch(), model)
+        rec = {"epoch": epoch, **rec, "batches": dict(sampler.used)}
         history.append(rec)
         if on_epoch:
             on_epoch(epoch, rec)

@@ -13,6 +13,11 @@ Architecture (``ODENetConfig``)::
 The parameters of a unit are stored stacked over time: ``K: (N, C, C, 3, 3)``, ``b: (N, C)``, so a
 unit is a discretised function of time (``mscnn.hierarchy.to_depth`` interpolates it).
 All convolutions use zero padding, which matches the zero boundary of ``mscnn.transfer``.
+
+``stencil`` chooses how the spatial convolutions (opening and Euler steps) are parameterised
+(``mscnn.stencils``): ``"free"`` 3x3 weights ``K: (N, C, C, 3, 3)``, or a scale-consistent kind
+(``"moment"``, ``"gaussian"``) with resolution-free derivative coefficients ``K: (N, C, C, 6)``
+re-discretised on every grid (``stencil_scale``: their physical length, a fraction of the width).
 """
 
 from __future__ import annotations
@@ -22,13 +27,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mscnn.classifier import CLASSIFIERS
+from mscnn.stencils import STENCILS, StencilConv, layer_kind, stencil_conv, stencil_kind
 from mscnn.transfer import get_pair, restrict_image
 
-__all__ = ["ACTIVATIONS", "EulerUnit", "ODENet", "ODENetConfig", "activation"]
+__all__ = ["ACTIVATIONS", "STENCILS", "EulerUnit", "ODENet", "ODENetConfig", "activation"]
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
@@ -69,6 +74,8 @@ class ODENetConfig:
     activation: str = "tanh"
     pair: str = "full-weighting"
     classifier: str = "quadrature"
+    stencil: str = "free"  # mscnn.stencils.STENCILS
+    stencil_scale: float = 0.05  # consistent kinds: sigma (gaussian) or L (moment), image widths
 
     def __post_init__(self) -> None:
         for key in ("channels", "steps"):  # lists from JSON/YAML become tuples (hashable, frozen)
@@ -77,6 +84,12 @@ class ODENetConfig:
                 object.__setattr__(self, key, tuple(v))
         activation(self.activation)
         get_pair(self.pair)
+        try:
+            stencil_kind(self.stencil)
+        except ValueError as e:
+            raise ValueError(f"ODENetConfig.stencil: {e}") from None
+        if not (self.stencil_scale > 0 and math.isfinite(self.stencil_scale)):
+            raise ValueError(f"ODENetConfig.stencil_scale: must be > 0, got {self.stencil_scale!r}")
         if self.classifier not in CLASSIFIERS:
             raise ValueError(
                 f"ODENetConfig.classifier: unknown {self.classifier!r}; valid: {sorted(CLASSIFIERS)}"
@@ -135,17 +148,20 @@ class ODENetConfig:
 
 
 class EulerUnit(nn.Module):
-    """``N`` forward-Euler steps ``y <- y + dt * act(conv3x3(y, K[k]) + b[k])``, ``dt = T / N``.
+    """``N`` forward-Euler steps ``y <- y + dt * act(conv(y, K[k]) + b[k])``, ``dt = T / N``.
 
-    ``y: (B, C, n, n) -> (B, C, n, n)``; parameters ``K: (N, C, C, 3, 3)``, ``b: (N, C)``.
+    ``y: (B, C, n, n) -> (B, C, n, n)``; parameters ``K: (N, C, C, 3, 3)`` (``stencil="free"``) or
+    ``(N, C, C, 6)`` (consistent kinds, ``mscnn.stencils``), ``b: (N, C)``.
     """
 
-    def __init__(self, channels: int, steps: int, T: float, act: str = "tanh") -> None:
+    def __init__(self, channels: int, steps: int, T: float, act: str = "tanh",
+                 stencil: str = "free", scale: float = 0.05) -> None:
         super().__init__()
         self.T = float(T)
-        self.act_name = act
-        bound = 1.0 / math.sqrt(9 * channels)  # nn.Conv2d's default scale
-        self.K = nn.Parameter(torch.empty(steps, channels, channels, 3, 3).uniform_(-bound, bound))
+        self.act_name, self.stencil, self.scale = act, stencil_kind(stencil), float(scale)
+        taps = (3, 3) if stencil == "free" else (6,)
+        bound = 1.0 / math.sqrt(math.prod(taps) * channels)  # nn.Conv2d's default scale
+        self.K = nn.Parameter(torch.empty(steps, channels, channels, *taps).uniform_(-bound, bound))
         self.b = nn.Parameter(torch.zeros(steps, channels))
 
     @property
@@ -159,7 +175,7 @@ class EulerUnit(nn.Module):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         act, dt = activation(self.act_name), self.dt
         for k in range(self.steps):
-            y = y + dt * act(F.conv2d(y, self.K[k], self.b[k], padding=1))
+            y = y + dt * act(stencil_conv(y, self.K[k], self.b[k], self.stencil, self.scale))
         return y
 
 
@@ -194,9 +210,12 @@ class ODENet(nn.Module):
             config = config.replace(**kwargs)
         self.config = config
         chans, steps = config.unit_channels, config.unit_steps
-        self.opening = nn.Conv2d(config.in_channels, chans[0], 3, padding=1)
+        kind, scale = config.stencil, config.stencil_scale
+        self.opening = (nn.Conv2d(config.in_channels, chans[0], 3, padding=1) if kind == "free"
+                        else StencilConv(config.in_channels, chans[0], layer_kind(kind, "opening"), scale))
         self.units = nn.ModuleList(
-            EulerUnit(c, s, config.T, config.activation) for c, s in zip(chans, steps, strict=True)
+            EulerUnit(c, s, config.T, config.activation, layer_kind(kind, "units"), scale)
+            for c, s in zip(chans, steps, strict=True)
         )
         self.connectives = nn.ModuleList(
             Connective(a, b, config.activation, config.pair)

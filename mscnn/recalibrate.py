@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mscnn.data import Split
+from mscnn.train import TorchStep
 
 __all__ = ["recalibrate_batchnorm", "refit_classifier"]
 
@@ -36,7 +36,7 @@ def refit_classifier(
     flags = [p.requires_grad for p in frozen]
     for p in frozen:
         p.requires_grad_(False)
-    opt = torch.optim.Adam(params, lr=lr)
+    step = TorchStep(model, torch.optim.Adam(params, lr=lr))
     g = torch.Generator().manual_seed(seed)
     losses = []
     was = model.training
@@ -44,11 +44,7 @@ def refit_classifier(
     try:
         for _ in range(steps):
             idx = torch.randint(len(data), (batch_size,), generator=g)
-            loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+            losses.append(float(step(data.x[idx], data.y[idx])))
     finally:
         for p, f in zip(frozen, flags, strict=True):
             p.requires_grad_(f)

@@ -1,9 +1,26 @@
-"""A plain PyTorch training loop and evaluation, used by the experiments and the Ray Train stages."""
+"""The one training loop: ``train_epoch`` and ``evaluate`` over any iterable of ``(x, y)`` batches,
+driven by a *step* -- anything with ``step(x, y) -> loss`` (the ``Step`` protocol).
+
+Steps:
+
+* ``TorchStep``: a ``torch.optim`` optimiser on the cross-entropy (plus a regulariser), optionally
+  through another forward (a DDP wrapper, or ``mscnn.multires.MultiResolutionForward``), with a
+  learning-rate scheduler and autocast;
+* ``mscnn.optim.BCD``: the paper's block-coordinate Gauss-Newton/Newton iteration;
+* ``make_step(model, name, ...)`` builds either by name (what schedules and the Ray stage use).
+
+``fit`` is the epoch loop on tensors in memory (shuffled mini-batches, optional validation with
+early stopping); ``mscnn.multires.fit_multiresolution`` and the Ray Train stage
+(``pipelines.stage``) feed their own batches to the same ``train_epoch``. Per-epoch records are
+returned (or passed to ``on_epoch``); logging to MLflow or Ray stays with the caller.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -11,28 +28,171 @@ from torch import nn
 
 from mscnn.data import Split
 
-__all__ = ["accuracy", "fit", "make_optimizer"]
+__all__ = [
+    "Step",
+    "TorchStep",
+    "accuracy",
+    "evaluate",
+    "fit",
+    "make_optimizer",
+    "make_step",
+    "split_batches",
+    "train_epoch",
+]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+@runtime_checkable
+class Step(Protocol):
+    """One training step on a batch: updates the model in place and returns the batch's loss
+    (a float or a 0-d tensor; the loop sums it weighted by the batch size)."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float | torch.Tensor: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def make_optimizer(model: nn.Module, name: str = "adam", lr: float = 1e-3, **kw):
     """``torch.optim`` optimiser by name ("adam", "adamw", "sgd"); unknown names raise."""
-    table = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-    if name not in table:
-        raise ValueError(f"unknown optimizer {name!r}; valid: {sorted(table)}")
-    return table[name](model.parameters(), lr=lr, **kw)
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[name](model.parameters(), lr=lr, **kw)
+
+
+def _autocast(x: torch.Tensor, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, dtype)
+
+
+class TorchStep:
+    """``loss = CE(forward(x), y)``; ``zero_grad``, ``backward`` of ``loss + regularizer(model)``,
+    ``optimizer.step()``, ``scheduler.step()``. ``forward`` defaults to ``model`` (pass a DDP
+    wrapper, or a multi-resolution forward). Returns the cross-entropy, detached (no host sync)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+                 regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
+                 forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 autocast: torch.dtype | None = None) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.regularizer, self.forward, self.autocast = regularizer, forward or model, autocast
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with _autocast(x, self.autocast):
+            loss = F.cross_entropy(self.forward(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss + self.regularizer(self.model) if self.regularizer else loss).backward()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return loss.detach()
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+def make_step(model: nn.Module, name: str = "adam", lr: float = 1e-3, cosine: bool = True,
+              total_steps: int | None = None, forward: Callable | None = None,
+              regularizer: Callable | None = None, reduce: Callable | None = None,
+              **options) -> Step:
+    """The step named ``name``: a ``torch.optim`` optimiser (``adam``, ``adamw``, ``sgd``; cosine
+    annealing to 0 over ``total_steps`` when ``cosine``) or ``bcd`` (``mscnn.optim.BCD`` on the
+    unwrapped ``model``, with ``alpha_time``, ``alpha_space``, ``newton_steps``, ``cg_iters``,
+    ``damping`` from ``options`` and ``reduce`` for data-parallel workers). Options that belong to
+    the other kind (and ``batch_size``) are ignored, so a whole optimiser config can be passed."""
+    options.pop("batch_size", None)
+    bcd_keys = ("alpha_time", "alpha_space", "newton_steps", "cg_iters", "damping", "gn_batch")
+    if name == "bcd":
+        from mscnn.optim import BCD
+
+        kw = {k: options[k] for k in bcd_keys if k in options}
+        return BCD(model, **kw, **({"reduce": reduce} if reduce else {}))
+    opt = make_optimizer(model, name, lr)
+    sched = None
+    if cosine:
+        if not total_steps:
+            raise ValueError("make_step: cosine annealing needs total_steps")
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps)
+    return TorchStep(model, opt, sched, regularizer, forward)
+
+
+def split_batches(data: Split, batch_size: int, generator: torch.Generator | None = None,
+                  device: torch.device | str | None = None,
+                  augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+                  ) -> Iterator[Batch]:
+    """Mini-batches of ``data``: shuffled with ``generator`` (in order without one), moved to
+    ``device``, ``augment(x, generator)`` applied to each training batch."""
+    order = (torch.randperm(len(data), generator=generator) if generator is not None
+             else torch.arange(len(data)))
+    for idx in order.split(batch_size):
+        x, y = data.x[idx], data.y[idx]
+        if device is not None:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if augment is not None:
+            x = augment(x, generator)
+        yield x, y
+
+
+def train_epoch(step: Callable[[torch.Tensor, torch.Tensor], float | torch.Tensor],
+                batches: Iterable[Batch], model: nn.Module | None = None,
+                on_batch: Callable[[int], None] | None = None) -> dict:
+    """One pass of ``step`` over ``batches``; ``model`` (when given) is put in training mode.
+    ``on_batch(i)`` runs after the ``i``-th step. Returns ``loss`` (mean over images), ``images``,
+    ``batches``, ``seconds`` and ``images_per_s``."""
+    if model is not None:
+        model.train()
+    t0, total, count, i = time.perf_counter(), 0.0, 0, 0
+    for i, (x, y) in enumerate(batches, 1):
+        loss = step(x, y)
+        total = total + (loss.detach() if torch.is_tensor(loss) else float(loss)) * len(y)
+        count += len(y)
+        if on_batch is not None:
+            on_batch(i)
+    loss = float(total) / max(count, 1)  # one host sync per epoch
+    seconds = time.perf_counter() - t0
+    return {"loss": loss, "images": count, "batches": i, "seconds": seconds,
+            "images_per_s": count / seconds if seconds > 0 else 0.0}
 
 
 @torch.no_grad()
+def evaluate(model: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[Batch],
+             autocast: torch.dtype | None = None) -> dict:
+    """Cross-entropy and accuracy of ``model`` (in eval mode, restored after) over ``batches``.
+    Returns the sums ``loss_sum``, ``correct``, ``count`` (to all-reduce across workers) and the
+    means ``loss``, ``accuracy``."""
+    was = getattr(model, "training", None)
+    if was is not None:
+        model.eval()
+    loss = correct = 0.0
+    count = 0
+    try:
+        for x, y in batches:
+            with _autocast(x, autocast):
+                logits = model(x)
+            loss = loss + F.cross_entropy(logits.float(), y, reduction="sum")
+            correct = correct + (logits.argmax(1) == y).sum()
+            count += len(y)
+    finally:
+        if was is not None:
+            model.train(was)
+    out = {"loss_sum": float(loss), "correct": float(correct), "count": count}
+    return out | {"loss": out["loss_sum"] / max(count, 1), "accuracy": out["correct"] / max(count, 1)}
+
+
 def accuracy(model: nn.Module, data: Split, batch_size: int = 1000) -> float:
     """Fraction of ``data`` that ``model`` classifies correctly (in eval mode)."""
-    was = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(data), batch_size):
-        logits = model(data.x[i : i + batch_size])
-        correct += (logits.argmax(1) == data.y[i : i + batch_size]).sum().item()
-    model.train(was)
-    return correct / max(len(data), 1)
+    return evaluate(model, split_batches(data, batch_size))["accuracy"]
 
 
 def fit(
@@ -46,30 +206,42 @@ def fit(
     cosine: bool = True,
     on_epoch: Callable[[int, dict], None] | None = None,
     regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
+    step: Step | None = None,
+    val: Split | None = None,
+    patience: int | None = None,
+    device: torch.device | str | None = None,
+    augment: Callable | None = None,
+    autocast: torch.dtype | None = None,
 ) -> list[dict]:
     """Minimise the cross-entropy of ``model`` on ``train`` with mini-batches (shuffled with
-    ``seed``), the learning rate annealed to 0 on a cosine over all steps when ``cosine``; plus
-    ``regularizer(model)`` in every step when given (``loss`` records the cross-entropy only).
-    Returns one record per epoch: ``epoch``, ``loss`` (mean over the epoch), ``seconds``."""
-    opt = make_optimizer(model, optimizer, lr)
-    total_steps = epochs * -(-len(train) // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps) if cosine else None
+    ``seed``). The step is ``step`` when given, else ``make_step(model, optimizer, lr, cosine)``
+    annealed over all ``epochs`` (plus ``regularizer(model)`` in every step; ``loss`` records the
+    cross-entropy only). With ``val``, each record has ``val_accuracy`` and ``val_loss``; with
+    ``patience`` too, training stops after that many epochs without a better validation accuracy
+    and the model ends with its best weights. Returns one record per epoch: ``epoch``, ``loss``
+    (mean over the epoch), ``seconds`` (training only), ``images_per_s``."""
+    if step is None:
+        total = epochs * -(-len(train) // batch_size)
+        step = make_step(model, optimizer, lr, cosine, total, regularizer=regularizer)
     g = torch.Generator().manual_seed(seed)
-    history = []
-    model.train()
+    history, best, best_state, bad = [], -1.0, None, 0
     for epoch in range(epochs):
-        t0, total, count = time.perf_counter(), 0.0, 0
-        for idx in torch.randperm(len(train), generator=g).split(batch_size):
-            loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
-            opt.zero_grad(set_to_none=True)
-            (loss + regularizer(model) if regularizer else loss).backward()
-            opt.step()
-            if sched:
-                sched.step()
-            total += loss.item() * len(idx)
-            count += len(idx)
-        rec = {"epoch": epoch, "loss": total / count, "seconds": time.perf_counter() - t0}
+        rec = train_epoch(step, split_batches(train, batch_size, g, device, augment), model)
+        rec = {"epoch": epoch, **rec}
+        if val is not None:
+            v = evaluate(model, split_batches(val, 2 * batch_size, device=device), autocast)
+            rec |= {"val_accuracy": v["accuracy"], "val_loss": v["loss"]}
         history.append(rec)
         if on_epoch:
             on_epoch(epoch, rec)
+        if val is not None and patience is not None:
+            if rec["val_accuracy"] > best:
+                best, bad = rec["val_accuracy"], 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad += 1
+                if bad >= patience:
+                    break
+    if best_state is not None:
+        model.load_state_dict(best_state)
     return history

@@ -11,24 +11,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from pipelines.runtime import init_ray
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def _ray_init(address: str | None, quiet: bool = False) -> None:
-    """Join ``address`` / ``RAY_ADDRESS``, or start a local Ray. ``quiet``: keep the workers' and
-    Ray Data's log lines out of the terminal (they stay in /tmp/ray/session_*/logs)."""
-    import logging
-
-    import ray
-
-    if quiet:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        for name in ("ray.data", "ray.train"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        kw = {} if address else {"include_dashboard": False}
-        ray.init(address=address, log_to_driver=not quiet, **kw)
 
 
 def _load_schedule(path, sets: list[str] | None, data_dir: str | None):
@@ -72,7 +57,7 @@ def _train(args: argparse.Namespace) -> int:
     from pipelines.schedule import run_schedule
 
     cfg = _load_schedule(args.config, args.set, args.data_dir)
-    _ray_init(args.address)
+    init_ray(args.address)
     console = Console()
     result = run_schedule(cfg, log=console.print)
     console.print(_schedule_table([result]))
@@ -94,8 +79,9 @@ def _sweep(args: argparse.Namespace) -> int:
     from pipelines.sweep import load_sweep, run_sweep
 
     sweep = load_sweep(args.config, parse_overrides(args.set or []))
-    if args.address:
-        os.environ["RAY_ADDRESS"] = args.address
+    # a trial (its driver), its Train worker and Ray Data's read tasks need more logical CPUs than
+    # there are cores on a small machine, or lazy reads wait forever
+    init_ray(args.address, num_cpus=max(4, 2 * (os.cpu_count() or 1)))
     run_sweep(sweep, log=Console().print)
     return 0
 
@@ -125,7 +111,7 @@ def _demo(args: argparse.Namespace) -> int:
     cfgs = [_load_schedule(CONFIGS / f"{n}.yaml", args.set, args.data_dir) for n in names]
     console.print(f"[bold]mscnn demo[/] ({'full protocol' if args.full else 'demo subset'}): "
                   f"{', '.join(c.name for c in cfgs)} on Ray Train; tracking in {tracking_uri()}")
-    _ray_init(args.address, quiet=not args.verbose)
+    init_ray(args.address, quiet=not args.verbose)
     results = []
     for cfg in cfgs:
         console.rule(f"{cfg.name} ({cfg.kind})")
@@ -155,7 +141,7 @@ def _pyramid(args: argparse.Namespace) -> int:
         overrides["source.path"] = args.data_dir
     cfg = load_config(args.config, PyramidConfig, overrides)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    _ray_init(args.address)
+    init_ray(args.address)
     path, built = build_pyramid(cfg, args.out)
     Console().print(f"pyramid {'built' if built else 'already up to date, nothing done'}: {path}")
     return 0

@@ -118,6 +118,8 @@ class ModelConfig(_Strict):
     activation: str = "tanh"
     pair: str = "full-weighting"
     classifier: Literal["quadrature", "pool"] = "quadrature"
+    stencil: Literal["free", "moment", "gaussian", "moment-blur"] = "free"  # mscnn.stencils.STENCILS
+    stencil_scale: float = Field(0.05, gt=0)  # consistent stencils: physical length (image widths)
 
 
 class LevelConfig(_Strict):
@@ -194,6 +196,9 @@ class ScheduleConfig(_Strict):
         lv = self.levels[i]
         m = self.model.model_dump()
         if m.pop("arch") == "resnet34":
+            if m["stencil"] != "free":
+                raise ValueError(f"model.stencil: {m['stencil']!r} applies to the ODE network "
+                                 "(arch: odenet); resnet34's 3x3 convolutions are free")
             return ResNetConfig(classes=m["classes"], in_channels=m["in_channels"], n=lv.n,
                                 pair=m["pair"])
         return ODENetConfig(**m, n=lv.n, steps=lv.steps)

@@ -9,13 +9,14 @@ from pathlib import Path
 import torch
 
 from mscnn.checkpoint import load_checkpoint
-from mscnn.crossres import transfer_rows
 from mscnn.data import Split
+from mscnn.hierarchy import to_resolution
 from mscnn.ode import ODENet
-from pipelines.pyramid import level_for, level_tensors, read_manifest
+from mscnn.train import accuracy
+from pipelines.pyramid import input_scale, level_for, level_tensors, read_manifest
 from pipelines.tracking import Tracker
 
-__all__ = ["evaluate_checkpoints"]
+__all__ = ["evaluate_checkpoints", "transfer_rows"]
 
 
 def evaluate_checkpoints(fine: str | os.PathLike, coarse: str | os.PathLike,
@@ -35,7 +36,7 @@ def evaluate_checkpoints(fine: str | os.PathLike, coarse: str | os.PathLike,
         raise ValueError(f"fine checkpoint {fine} (n={fine_m.n}) must be finer than coarse "
                          f"{coarse} (n={coarse_m.n})")
     man = read_manifest(pyramid)
-    scale = torch.tensor([1.0 / s for s in man["normalisation"]["std"]]).view(1, -1, 1, 1)
+    scale = torch.tensor(input_scale(man)).view(1, -1, 1, 1)
 
     def data(model, what):
         s = level_tensors(pyramid, level_for(man, model.n, what), split)
@@ -56,4 +57,24 @@ def evaluate_checkpoints(fine: str | os.PathLike, coarse: str | os.PathLike,
                              for r in rows}, step=0)
         tr.log_dict(run, {"rows": rows}, "cross_resolution.json")
         tr.end_run(run)
+    return rows
+
+
+def transfer_rows(fine: ODENet, coarse: ODENet, fine_eval: Split, coarse_eval: Split,
+                  pair: str) -> list[dict]:
+    """Native accuracy of both networks, and each moved to the other's resolution with Galerkin
+    stencils and naively (``pair`` for both stencils and ``W``). Rows ``{pair, direction, method,
+    accuracy}``."""
+    rows = [
+        dict(pair=pair, direction="fine", method="native", accuracy=accuracy(fine, fine_eval)),
+        dict(pair=pair, direction="coarse", method="native", accuracy=accuracy(coarse, coarse_eval)),
+    ]
+    for naive in (False, True):
+        method = "naive" if naive else "galerkin"
+        up = to_resolution(coarse, fine.n, naive=naive, pair=pair)
+        rows.append(dict(pair=pair, direction="coarse->fine", method=method,
+                         accuracy=accuracy(up, fine_eval)))
+        down = to_resolution(fine, coarse.n, naive=naive, pair=pair)
+        rows.append(dict(pair=pair, direction="fine->coarse", method=method,
+                         accuracy=accuracy(down, coarse_eval)))
     return rows

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mscnn import data as mdata
 from mscnn.transfer import gaussian_blur, get_pair, restrict_image
+from pipelines.runtime import require_ray
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ __all__ = [
     "PyramidConfig",
     "SourceConfig",
     "build_pyramid",
+    "input_scale",
     "level_for",
     "level_tensors",
     "load_level",
@@ -106,11 +108,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _split_perm(count: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    perm = np.random.default_rng(seed).permutation(count)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
-
 def _load_source(cfg: PyramidConfig) -> tuple[dict, dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """``(source_info, checksums, {split: (images uint8/float32 (N, C, n, n), labels)})``.
     Everything that can be wrong with the input is found here, before any Ray work."""
@@ -127,7 +124,7 @@ def _load_source(cfg: PyramidConfig) -> tuple[dict, dict, dict[str, tuple[np.nda
             arrays[split] = (x[:, None], y.astype(np.int64))
         x, y = arrays["train"]
         n_val = cfg.n_val if cfg.n_val is not None else int(len(y) * cfg.val_fraction)
-        tr, va = _split_perm(len(y), n_val, cfg.seed)
+        tr, va = mdata.split_indices(len(y), n_val, cfg.seed)
         splits = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": arrays["test"]}
         info = {"kind": "mnist", "path": str(d), "classes": [str(i) for i in range(10)]}
     elif src.kind == "folder":
@@ -149,13 +146,13 @@ def _load_source(cfg: PyramidConfig) -> tuple[dict, dict, dict[str, tuple[np.nda
             splits[split] = (imgs, np.array([lab for _, lab in items], np.int64))
         if "val" not in splits:
             x, y = splits["train"]
-            tr, va = _split_perm(len(y), int(len(y) * cfg.val_fraction), cfg.seed)
+            tr, va = mdata.split_indices(len(y), int(len(y) * cfg.val_fraction), cfg.seed)
             splits = {"train": (x[tr], y[tr]), "val": (x[va], y[va])}
         info = {"kind": "folder", "path": str(root), "classes": classes, "size": src.size}
     else:
         x, y = mdata.synthetic(src.count, src.size, cfg.seed, src.classes)
         checksums = {"synthetic": hashlib.sha256(x.tobytes()).hexdigest()}
-        tr, va = _split_perm(len(y), int(len(y) * cfg.val_fraction), cfg.seed)
+        tr, va = mdata.split_indices(len(y), int(len(y) * cfg.val_fraction), cfg.seed)
         splits = {"train": (x[tr], y[tr]), "val": (x[va], y[va])}
         info = {"kind": "synthetic", "classes": [str(i) for i in range(src.classes)]}
     if src.limit and src.kind != "folder":
@@ -169,16 +166,12 @@ def _load_source(cfg: PyramidConfig) -> tuple[dict, dict, dict[str, tuple[np.nda
     return info, checksums, splits
 
 
-def _to_unit(x: np.ndarray) -> np.ndarray:
-    return (x.astype(np.float32) / 255.0) if x.dtype == np.uint8 else x.astype(np.float32)
-
-
 def _arrow_blocks(x: np.ndarray, y: np.ndarray, rows: int, split: str) -> list[pa.Table]:
     from ray.data.extensions import ArrowTensorArray
 
     out = []
     for i in range(0, len(y), rows):
-        xi = _to_unit(x[i : i + rows])
+        xi = mdata.unit_images(x[i : i + rows])
         out.append(pa.table({
             "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(xi)),
             "label": pa.array(y[i : i + rows], pa.int64()),
@@ -236,8 +229,7 @@ def build_pyramid(cfg: PyramidConfig, out: str | os.PathLike) -> tuple[Path, boo
     tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.name}.tmp-", dir=target.parent))
     t0 = time.perf_counter()
     try:
-        if not ray.is_initialized():
-            ray.init()
+        require_ray("build_pyramid")
         n0 = next(iter(splits.values()))[0].shape[-1]
         levels = [{"level": k, "n": n0 >> k, "h": 1.0 / (n0 >> k)} for k in range(cfg.levels)]
         blocks = [b for split, (x, y) in splits.items()
@@ -255,7 +247,7 @@ def build_pyramid(cfg: PyramidConfig, out: str | os.PathLike) -> tuple[Path, boo
             "name": cfg.name, "config": cfg.model_dump(), "config_hash": chash, "source": info,
             "checksums": checksums, "seed": cfg.seed, "levels": levels, "channels":
             int(next(iter(splits.values()))[0].shape[1]), "counts": counts,
-            "normalisation": _normalisation(splits["train"][0]), "sigma": cfg.sigma, "pair": cfg.pair,
+            "normalisation": mdata.channel_stats(splits["train"][0]), "sigma": cfg.sigma, "pair": cfg.pair,
             "versions": _versions(), "build_seconds": time.perf_counter() - t0,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -264,20 +256,6 @@ def build_pyramid(cfg: PyramidConfig, out: str | os.PathLike) -> tuple[Path, boo
         if tmp.exists():
             shutil.rmtree(tmp)
     return target, True
-
-
-def _normalisation(x: np.ndarray) -> dict:
-    """Per-channel mean and standard deviation of the level-0 training images (in [0, 1]). One
-    normalisation serves every level: a level is the same function on a coarser grid."""
-    s = np.zeros(x.shape[1])
-    s2 = np.zeros(x.shape[1])
-    for i in range(0, len(x), 4096):
-        xi = _to_unit(x[i : i + 4096]).astype(np.float64)
-        s += xi.sum(axis=(0, 2, 3))
-        s2 += (xi**2).sum(axis=(0, 2, 3))
-    count = len(x) * x.shape[2] * x.shape[3]
-    mean = s / count
-    return {"mean": mean.tolist(), "std": np.sqrt(np.maximum(s2 / count - mean**2, 0)).tolist()}
 
 
 # ---------------------------------------------------------------- read
@@ -291,6 +269,12 @@ def _level_dir(root: str | os.PathLike, level: int, split: str) -> Path:
     if not d.is_dir():
         raise ValueError(f"{root}: no split {split!r} (has {sorted(m['counts'])})")
     return d
+
+
+def input_scale(manifest: dict) -> list[float]:
+    """What every reader multiplies the pyramid's ``[0, 1]`` images by, per channel: ``1 / std`` of
+    the level-0 training images (``mscnn.data.channel_stats``), the same at every level."""
+    return [1.0 / s for s in manifest["normalisation"]["std"]]
 
 
 def level_for(manifest: dict, n: int, where: str) -> int:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from torch import nn
@@ -28,10 +28,11 @@ from mscnn.models import cost
 from mscnn.resnet import ResNetConfig, resnet_to_resolution
 from pipelines.config import ScheduleConfig
 from pipelines.pyramid import build_pyramid, level_for, read_manifest
+from pipelines.runtime import require_ray
 from pipelines.stage import StageSpec, run_stage
 from pipelines.tracking import Tracker
 
-__all__ = ["run_schedule", "stage_name"]
+__all__ = ["LevelOutcome", "run_level", "run_schedule", "stage_name"]
 
 
 def stage_name(cfg: ScheduleConfig, i: int) -> str:
@@ -70,16 +71,118 @@ def _transfer(prev: nn.Module, cfg: ScheduleConfig, i: int) -> tuple[nn.Module, 
     return model, done
 
 
+@dataclass
+class LevelOutcome:
+    """What one finished level leaves behind (``L<i>.done.json``), read by the next level."""
+
+    stage: str
+    level: int
+    n: int
+    steps: list[int] | None
+    epochs_run: int
+    best_val_accuracy: float
+    seconds: float
+    checkpoint: str  # the best checkpoint, the next level's starting point
+    history: list[dict]
+    init: dict
+    nodes: list[str]
+    wallclock_end: float
+    compute_end: float
+    global_epoch_end: int
+
+    @classmethod
+    def read(cls, path: Path) -> LevelOutcome:
+        return cls(**json.loads(path.read_text()))
+
+
+@dataclass
+class _Run:
+    """The driver's state while it walks the levels of one schedule."""
+
+    cfg: ScheduleConfig
+    run_dir: Path
+    pyramid: Path
+    pyramid_levels: list[int]
+    tracker: Tracker
+    ids: dict
+    ref_cost: float
+    extra: dict
+    train_callbacks: Callable[[], list] | None
+
+    def save_ids(self) -> None:
+        _write_json(self.run_dir / "mlflow.json", self.ids)
+
+
+def run_level(run: _Run, i: int, prev: LevelOutcome | None, log: Callable[[str], None]) -> LevelOutcome:
+    """Level ``i``: its starting checkpoint (the previous level's best, moved), its MLflow run,
+    its Ray Train stage, and its outcome (written as ``done.json``)."""
+    cfg, lv, name = run.cfg, run.cfg.levels[i], stage_name(run.cfg, i)
+    mcfg, chash = cfg.model_config_for(i), cfg.config_hash()
+    init, lineage = None, {"schedule": cfg.name, "config_hash": chash, "stage": name,
+                           "level": i, "from": None, "transfers": []}
+    if prev is not None and lv.init == "transfer" and not cfg.random_init:
+        moved, transfers = _transfer(load_checkpoint(prev.checkpoint)[0], cfg, i)
+        lineage |= {"from": prev.checkpoint, "transfers": transfers}
+        init = str(save_checkpoint(run.run_dir / f"{name}.init", moved, lineage))
+    steps = getattr(mcfg, "unit_steps", None)
+    log(f"[{i + 1}/{len(cfg.levels)}] {name}: {lv.epochs} epoch(s) at {lv.n}x{lv.n}"
+        + (f", steps {steps}" if steps else f", {cfg.model.arch}")
+        + f", from {' + '.join(lineage['transfers']) or 'random weights'}")
+    run_id = run.ids.get(name) or run.tracker.start_run(
+        name, parent_id=run.ids["parent"],
+        tags={"kind": cfg.kind, "config_hash": chash, "stage": name, "level": str(i)},
+        params={"n": lv.n, "steps": steps, "arch": cfg.model.arch, "epochs": lv.epochs,
+                "optim": lv.optim.model_dump(), "patience": lv.patience, "init": lv.init,
+                "transfers": lineage["transfers"], "pyramid_level": run.pyramid_levels[i]})
+    run.ids[name] = run_id
+    run.save_ids()
+    spec = StageSpec(
+        name=f"{cfg.name}-{chash}-{name}", model=mcfg, level=run.pyramid_levels[i], epochs=lv.epochs,
+        optim=lv.optim.model_dump(), patience=lv.patience, seed=cfg.seed + i, init_checkpoint=init,
+        lineage=lineage, epoch_offset=prev.global_epoch_end if prev else 0,
+        wallclock_offset=prev.wallclock_end if prev else 0.0,
+        compute_offset=prev.compute_end if prev else 0.0,
+        compute_per_epoch=cost(mcfg) / run.ref_cost, extra=run.extra)
+    mlflow = {"uri": run.tracker.uri, "experiment": cfg.experiment, "run_id": run_id}
+    try:  # Ray Train V2 raises on failure: the level's run ends FAILED (KILLED on Ctrl-C)
+        result = run_stage(spec, str(run.pyramid), str(run.run_dir), cfg.scaling.model_dump(),
+                           cfg.max_failures, mlflow, cfg.materialize_data,
+                           run.train_callbacks() if run.train_callbacks else None)
+    except BaseException as e:
+        run.tracker.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    best = result.get_best_checkpoint(metric="val_accuracy", mode="max")
+    with best.as_directory() as d:
+        model, _ = load_checkpoint(Path(d) / "model")
+    with result.checkpoint.as_directory() as d:  # the latest: the whole history
+        state = json.loads((Path(d) / "train_state.json").read_text())
+    history = state["history"]
+    best_dir = save_checkpoint(run.run_dir / f"{name}.best", model, {**lineage, "best_of": best.path})
+    last = history[-1]
+    out = LevelOutcome(
+        stage=name, level=i, n=lv.n, steps=steps, epochs_run=len(history),
+        best_val_accuracy=max(h["val_accuracy"] for h in history), seconds=state["seconds"],
+        checkpoint=str(best_dir), history=history, init=state.get("init", {}),
+        nodes=state.get("nodes", []), wallclock_end=last["wallclock"],
+        compute_end=last["fine_equiv_epochs"], global_epoch_end=last["global_epoch"] + 1)
+    run.tracker.log_metrics(run_id, {"best_val_accuracy": out.best_val_accuracy,
+                                     "epochs_run": out.epochs_run}, step=out.global_epoch_end)
+    run.tracker.log_artifacts(run_id, best_dir, "checkpoint")
+    run.tracker.end_run(run_id)
+    _write_json(run.run_dir / f"{name}.done.json", asdict(out))
+    log(f"    best val accuracy {out.best_val_accuracy:.4f} after {out.epochs_run} epoch(s), "
+        f"{out.seconds:.0f} s")
+    return out
+
+
 def run_schedule(cfg: ScheduleConfig, log: Callable[[str], None] = print,
                  extra: dict | None = None, tags: dict | None = None,
                  train_callbacks: Callable[[], list] | None = None) -> dict:
-    """Run (or resume) every level of ``cfg``; returns the results (also ``results.json``).
-    ``extra`` is merged into every stage's ``train_loop_config`` (test-only switches); ``tags``
-    go on the MLflow parent run; ``train_callbacks()`` makes Ray Train callbacks per stage."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    """Run (or resume) every level of ``cfg`` (``run_level`` each, skipping the finished ones);
+    returns the results (also ``results.json``). ``extra`` goes into every stage's spec (test-only
+    switches); ``tags`` go on the MLflow parent run; ``train_callbacks()`` makes Ray Train
+    callbacks per stage. Ray must be started (``pipelines.runtime.init_ray``)."""
+    require_ray("run_schedule")
     chash = cfg.config_hash()
     run_dir = Path(cfg.storage_path).resolve() / f"{cfg.name}-{chash}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -87,104 +190,45 @@ def run_schedule(cfg: ScheduleConfig, log: Callable[[str], None] = print,
     log(f"pyramid {pyramid} ({'built' if built else 'up to date'})")
     manifest = read_manifest(pyramid)
     levels = [level_for(manifest, lv.n, f"levels.{i}.n") for i, lv in enumerate(cfg.levels)]
-
     tracker = Tracker(cfg.experiment)
     ids_file = run_dir / "mlflow.json"
     ids = json.loads(ids_file.read_text()) if ids_file.exists() else {}
+    run = _Run(cfg, run_dir, pyramid, levels, tracker, ids, cost(cfg.model_config_for(len(cfg.levels) - 1)),
+               extra or {}, train_callbacks)
     if "parent" not in ids:
         ids["parent"] = tracker.start_run(
             cfg.name, tags={"kind": cfg.kind, "config_hash": chash, "schedule": cfg.name,
                             "init": "random" if cfg.random_init else "transfer", **(tags or {})},
             params=cfg.model_dump(exclude={"pyramid"}) | {"pyramid": pyramid.name})
         tracker.log_dict(ids["parent"], cfg.model_dump(), "config.json")
-        _write_json(ids_file, ids)
-
-    ref_cost = cost(cfg.model_config_for(len(cfg.levels) - 1))  # the finest/deepest level: the unit
-    outcomes: list[dict] = []
-    prev: nn.Module | None = None
-    epoch_offset, wallclock, compute = 0, 0.0, 0.0
+        run.save_ids()
     t_start = time.perf_counter()
-    for i, lv in enumerate(cfg.levels):
-        name = stage_name(cfg, i)
-        done_file = run_dir / f"{name}.done.json"
-        if done_file.exists():
-            out = json.loads(done_file.read_text())
-            log(f"[{i + 1}/{len(cfg.levels)}] {name}: finished before, skipped "
-                f"(best val accuracy {out['best_val_accuracy']:.4f})")
-        else:
-            mcfg = cfg.model_config_for(i)
-            init, lineage = None, {"schedule": cfg.name, "config_hash": chash, "stage": name,
-                                   "level": i, "from": None, "transfers": []}
-            if prev is not None and lv.init == "transfer" and not cfg.random_init:
-                moved, transfers = _transfer(prev, cfg, i)
-                lineage |= {"from": outcomes[-1]["checkpoint"], "transfers": transfers}
-                init = str(save_checkpoint(run_dir / f"{name}.init", moved, lineage))
-            steps = getattr(mcfg, "unit_steps", None)
-            log(f"[{i + 1}/{len(cfg.levels)}] {name}: {lv.epochs} epoch(s) at {lv.n}x{lv.n}"
-                + (f", steps {steps}" if steps else f", {cfg.model.arch}")
-                + f", from {' + '.join(lineage['transfers']) or 'random weights'}")
-            run_id = ids.get(name) or tracker.start_run(
-                name, parent_id=ids["parent"],
-                tags={"kind": cfg.kind, "config_hash": chash, "stage": name, "level": str(i)},
-                params={"n": lv.n, "steps": steps, "arch": cfg.model.arch, "epochs": lv.epochs,
-                        "optim": lv.optim.model_dump(), "patience": lv.patience, "init": lv.init,
-                        "transfers": lineage["transfers"], "pyramid_level": levels[i]})
-            ids[name] = run_id
-            _write_json(ids_file, ids)
-            spec = StageSpec(
-                name=f"{cfg.name}-{chash}-{name}", model=mcfg, level=levels[i], epochs=lv.epochs,
-                optim=lv.optim.model_dump(), patience=lv.patience, seed=cfg.seed + i,
-                init_checkpoint=init, lineage=lineage, epoch_offset=epoch_offset,
-                wallclock_offset=wallclock, compute_offset=compute,
-                compute_per_epoch=cost(mcfg) / ref_cost, extra=extra or {})
-            mlflow = {"uri": tracker.uri, "experiment": cfg.experiment, "run_id": run_id}
-            result = run_stage(spec, str(pyramid), str(run_dir), cfg.scaling.model_dump(),
-                               cfg.max_failures, mlflow, cfg.materialize_data,
-                               train_callbacks() if train_callbacks else None)
-            if result.error:
-                tracker.end_run(run_id, "FAILED")
-                tracker.end_run(ids["parent"], "FAILED")
-                raise RuntimeError(f"stage {name} failed: {result.error}")
-            best = result.get_best_checkpoint(metric="val_accuracy", mode="max")
-            with best.as_directory() as d:
-                model, _ = load_checkpoint(Path(d) / "model")
-            with result.checkpoint.as_directory() as d:  # the latest: the whole history
-                state = json.loads((Path(d) / "train_state.json").read_text())
-            history = state["history"]
-            best_dir = save_checkpoint(run_dir / f"{name}.best", model,
-                                       {**lineage, "best_of": best.path})
-            last = history[-1]
-            out = {"stage": name, "level": i, "n": lv.n, "steps": steps,
-                   "epochs_run": len(history), "best_val_accuracy": max(h["val_accuracy"]
-                                                                        for h in history),
-                   "seconds": state["seconds"], "checkpoint": str(best_dir), "history": history,
-                   "init": state.get("init", {}), "nodes": state.get("nodes", []),
-                   "wallclock_end": last["wallclock"], "compute_end": last["fine_equiv_epochs"],
-                   "global_epoch_end": last["global_epoch"] + 1}
-            tracker.log_metrics(run_id, {"best_val_accuracy": out["best_val_accuracy"],
-                                         "epochs_run": out["epochs_run"]}, step=out["global_epoch_end"])
-            tracker.log_artifacts(run_id, best_dir, "checkpoint")
-            tracker.end_run(run_id)
-            _write_json(done_file, out)
-            log(f"    best val accuracy {out['best_val_accuracy']:.4f} after {out['epochs_run']} "
-                f"epoch(s), {out['seconds']:.0f} s")
-        outcomes.append(out)
-        prev, _ = load_checkpoint(out["checkpoint"])
-        epoch_offset, wallclock = out["global_epoch_end"], out["wallclock_end"]
-        compute = out["compute_end"]
-
+    outcomes: list[LevelOutcome] = []
+    for i in range(len(cfg.levels)):
+        done = run_dir / f"{stage_name(cfg, i)}.done.json"
+        if done.exists():
+            outcomes.append(LevelOutcome.read(done))
+            log(f"[{i + 1}/{len(cfg.levels)}] {outcomes[-1].stage}: finished before, skipped "
+                f"(best val accuracy {outcomes[-1].best_val_accuracy:.4f})")
+            continue
+        try:
+            outcomes.append(run_level(run, i, outcomes[-1] if outcomes else None, log))
+        except BaseException as e:
+            tracker.end_run(ids["parent"], "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
     final = outcomes[-1]
     results = {"schedule": cfg.name, "kind": cfg.kind, "config_hash": chash,
-               "final_val_accuracy": final["best_val_accuracy"],
-               "train_seconds": sum(o["seconds"] for o in outcomes),
-               "fine_equiv_epochs": compute, "stages": outcomes,
-               "driver_seconds": time.perf_counter() - t_start, "checkpoint": final["checkpoint"],
+               "final_val_accuracy": final.best_val_accuracy,
+               "train_seconds": sum(o.seconds for o in outcomes),
+               "fine_equiv_epochs": final.compute_end, "stages": [asdict(o) for o in outcomes],
+               "driver_seconds": time.perf_counter() - t_start, "checkpoint": final.checkpoint,
                "mlflow_parent_run_id": ids["parent"]}
     _write_json(run_dir / "results.json", results)
     tracker.log_metrics(ids["parent"], {"final_val_accuracy": results["final_val_accuracy"],
                                         "train_seconds": results["train_seconds"],
-                                        "fine_equiv_epochs": compute}, step=epoch_offset)
+                                        "fine_equiv_epochs": final.compute_end},
+                        step=final.global_epoch_end)
     tracker.log_artifacts(ids["parent"], run_dir / "results.json")
-    tracker.log_artifacts(ids["parent"], final["checkpoint"], "final_checkpoint")
+    tracker.log_artifacts(ids["parent"], final.checkpoint, "final_checkpoint")
     tracker.end_run(ids["parent"])
     return results

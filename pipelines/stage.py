@@ -17,38 +17,62 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from mscnn.checkpoint import load_checkpoint, save_checkpoint
-from mscnn.models import NetConfig, build_model, config_from_dict, config_to_dict
-from mscnn.optim import BCD
-from mscnn.train import make_optimizer
+from mscnn.models import NetConfig, build_model
+from mscnn.train import evaluate, make_step, train_epoch
 
 __all__ = ["StageSpec", "run_stage", "train_func"]
 
 
-def _maybe_fail(config: dict, rank: int, step: int) -> None:
-    """Test-only switch: ``config["fail_once"] = {"rank", "step", "marker"}`` makes that worker
+@dataclass
+class StageSpec:
+    """What the driver hands one stage (passed whole to every worker)."""
+
+    name: str  # deterministic: rerunning with the same name resumes the stage
+    model: NetConfig
+    level: int  # pyramid level
+    epochs: int
+    optim: dict  # pipelines.config.OptimConfig, dumped: make_step's options + batch_size
+    patience: int | None
+    seed: int
+    init_checkpoint: str | None
+    lineage: dict
+    epoch_offset: int = 0
+    wallclock_offset: float = 0.0
+    compute_offset: float = 0.0
+    compute_per_epoch: float = 1.0
+    input_scale: list[float] = field(default_factory=lambda: [1.0])  # 1 / std per channel
+    train_count: int = 0  # images in the level's train split (all workers)
+    mlflow: dict | None = None  # {"uri", "experiment", "run_id"}: rank 0 logs there
+    extra: dict = field(default_factory=dict)  # e.g. the test-only fail_once switch
+
+
+def _maybe_fail(spec: StageSpec, rank: int, step: int) -> None:
+    """Test-only switch: ``extra["fail_once"] = {"rank", "step", "marker"}`` makes that worker
     exit hard once at that global step (the marker file, on shared storage, records it)."""
-    f = config.get("fail_once")
+    f = spec.extra.get("fail_once")
     if f and rank == f["rank"] and step == f["step"] and not os.path.exists(f["marker"]):
         Path(f["marker"]).write_text(f"failed at step {step}\n")
         os._exit(17)
 
 
-def _all_reduce(values: list[float]) -> list[float]:
+def _dist():
     import torch.distributed as dist
 
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _all_reduce(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
+    if _dist():
+        _dist().all_reduce(t)
     return t.tolist()
 
 
 def _mean_across_workers(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    dist = _dist()
+    if dist and dist.get_world_size() > 1:
         t = t.clone()
         dist.all_reduce(t)
         t /= dist.get_world_size()
@@ -58,168 +82,125 @@ def _mean_across_workers(t: torch.Tensor) -> torch.Tensor:
 def _all_nodes() -> list[str]:
     """The Ray node id of every worker, in rank order."""
     import ray
-    import torch.distributed as dist
 
     me = ray.get_runtime_context().get_node_id()
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _dist():
         return [me]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, me)
+    out: list = [None] * _dist().get_world_size()
+    _dist().all_gather_object(out, me)
     return out
 
 
-def _validate(model, val_ds, scale, device) -> tuple[float, float, float]:
-    """Summed cross-entropy, correct count and count on this worker's validation shard."""
-    model.eval()
-    loss = correct = total = 0.0
-    with torch.no_grad():
-        for batch in val_ds.iter_torch_batches(batch_size=1000, device=device):
-            logits = model(batch["image"] * scale)
-            loss += F.cross_entropy(logits, batch["label"], reduction="sum").item()
-            correct += (logits.argmax(1) == batch["label"]).sum().item()
-            total += len(batch["label"])
-    model.train()
-    return loss, correct, total
-
-
-def _save(dirpath: str, model: torch.nn.Module, opt, sched, state: dict, lineage: dict) -> None:
-    save_checkpoint(Path(dirpath) / "model", model, lineage)
-    torch.save({"optimizer": opt.state_dict() if opt else None,
-                "scheduler": sched.state_dict() if sched else None}, Path(dirpath) / "optimizer.pt")
-    (Path(dirpath) / "train_state.json").write_text(json.dumps(state))
-
-
-def train_func(config: dict) -> None:
-    """The per-worker training loop of one stage (see the module docstring for ``config``)."""
+def _start(spec: StageSpec):
+    """``(model, step state or None, train state)``: from Train's own checkpoint (a resumed
+    stage), from the incoming prolonged checkpoint, or from random weights."""
     import ray.train
-    import ray.train.torch
-    from ray.train import Checkpoint
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg = config_from_dict(config["model"])
-    opt_state, state = None, {"epoch": -1, "best": -1.0, "bad_epochs": 0, "seconds": 0.0, "step": 0,
-                              "history": []}
+    state = {"epoch": -1, "best": -1.0, "bad_epochs": 0, "seconds": 0.0, "step": 0, "history": []}
     resumed = ray.train.get_checkpoint()
     if resumed:
         with resumed.as_directory() as d:
             model, _ = load_checkpoint(Path(d) / "model")
-            opt_state = torch.load(Path(d) / "optimizer.pt", weights_only=True)
-            state = json.loads((Path(d) / "train_state.json").read_text())
-    elif config.get("init_checkpoint"):
-        model, _ = load_checkpoint(config["init_checkpoint"])
+            step_state = torch.load(Path(d) / "step.pt", weights_only=True)
+            return model, step_state, json.loads((Path(d) / "train_state.json").read_text())
+    if spec.init_checkpoint:
+        model, _ = load_checkpoint(spec.init_checkpoint)
     else:
-        torch.manual_seed(config["seed"])
-        model = build_model(cfg)
-    if model.config != cfg:
-        raise ValueError(f"stage {config['stage']}: checkpoint architecture {model.config} "
-                         f"differs from the level's {cfg}")
-    net = model
-    model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
-    o = config["optim"]
-    opt = sched = bcd = None
-    if o["name"] == "bcd":  # the paper's optimiser, on the unwrapped model; reductions its own
-        bcd = BCD(net.to(device), o["alpha_time"], o["alpha_space"], o["newton_steps"],
-                  o["cg_iters"], o["damping"], reduce=_mean_across_workers)
-    else:
-        opt = make_optimizer(model, o["name"], o["lr"])
-        steps_per_epoch = -(-config["train_count"] // (o["batch_size"] * max(world, 1)))
-        if o["cosine"]:
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config["epochs"] * steps_per_epoch)
-    if opt_state and opt:
-        opt.load_state_dict(opt_state["optimizer"])
-        if sched and opt_state["scheduler"]:
-            sched.load_state_dict(opt_state["scheduler"])
+        torch.manual_seed(spec.seed)
+        model = build_model(spec.model)
+    if model.config != spec.model:
+        raise ValueError(f"stage {spec.name}: checkpoint architecture {model.config} "
+                         f"differs from the level's {spec.model}")
+    return model, None, state
 
+
+def _batches(ds, batch_size: int, scale: torch.Tensor, device, seed: int | None = None):
+    shuffle = {} if seed is None else {"local_shuffle_buffer_size": 4 * batch_size,
+                                       "local_shuffle_seed": seed}
+    for b in ds.iter_torch_batches(batch_size=batch_size, device=device, **shuffle):
+        yield b["image"] * scale, b["label"]
+
+
+def _validate(model, spec: StageSpec, scale, device) -> tuple[float, float, float]:
+    """Summed cross-entropy, correct count and count over every worker's validation shard."""
+    import ray.train
+
+    v = evaluate(model, _batches(ray.train.get_dataset_shard("val"), 1000, scale, device))
+    return tuple(_all_reduce([v["loss_sum"], v["correct"], v["count"]]))
+
+
+def _report(spec: StageSpec, net, step, state: dict, metrics: dict, tracker) -> None:
+    """Rank 0 writes the checkpoint (model, step state, train state) and logs to MLflow; every
+    worker reports."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            save_checkpoint(Path(tmp) / "model", net, {**spec.lineage, "epoch": metrics["epoch"]})
+            torch.save(step.state_dict(), Path(tmp) / "step.pt")
+            (Path(tmp) / "train_state.json").write_text(json.dumps(state))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            if tracker:
+                tracker.log_metrics(spec.mlflow["run_id"], metrics, step=metrics["global_epoch"])
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _metrics(spec: StageSpec, state: dict, epoch: int, rec: list[float]) -> dict:
+    loss_sum, count, vloss, correct, total, imgs = rec
+    cfg = spec.model
+    return {"epoch": epoch, "global_epoch": spec.epoch_offset + epoch,
+            "train_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(total, 1),
+            "val_loss": vloss / max(total, 1), "images_per_s": imgs, "stage_seconds": state["seconds"],
+            "wallclock": spec.wallclock_offset + state["seconds"],
+            "fine_equiv_epochs": spec.compute_offset + (epoch + 1) * spec.compute_per_epoch,
+            "n": cfg.n, "steps": sum(getattr(cfg, "unit_steps", [0]))}
+
+
+def train_func(config: dict) -> None:
+    """The per-worker loop of one stage, ``config = {"spec": StageSpec}``: Ray's shards into
+    ``mscnn.train.train_epoch``, validation all-reduced, a checkpoint and a report every epoch."""
+    import ray.train
+    import ray.train.torch
+
+    spec: StageSpec = config["spec"]
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    net, step_state, state = _start(spec)
+    model, device = ray.train.torch.prepare_model(net), ray.train.torch.get_device()
+    bs = spec.optim["batch_size"]
+    steps = spec.epochs * -(-spec.train_count // (bs * max(world, 1)))
+    step = make_step(net, **spec.optim, total_steps=steps, forward=model, reduce=_mean_across_workers)
+    if step_state:
+        step.load_state_dict(step_state)
     tracker = None
-    if rank == 0 and config.get("mlflow"):
+    if rank == 0 and spec.mlflow:
         from pipelines.tracking import Tracker
 
-        tracker = Tracker(config["mlflow"]["experiment"], config["mlflow"]["uri"])
-    scale = torch.tensor(config["input_scale"], dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    train_ds = ray.train.get_dataset_shard("train")
-    val_ds = ray.train.get_dataset_shard("val")
-    bs = config["optim"]["batch_size"]
+        tracker = Tracker(spec.mlflow["experiment"], spec.mlflow["uri"])
+    scale = torch.tensor(spec.input_scale, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     state["nodes"] = _all_nodes()  # where this stage's workers run (the last attempt)
     if "init" not in state:  # how good is the incoming (prolonged / interpolated / random) model?
-        vloss, correct, total = _all_reduce(list(_validate(model, val_ds, scale, device)))
-        state["init"] = {"init_val_loss": vloss / max(total, 1),
-                         "init_val_accuracy": correct / max(total, 1)}
+        vloss, correct, total = _validate(model, spec, scale, device)
+        state["init"] = {"init_val_loss": vloss / max(total, 1), "init_val_accuracy": correct / max(total, 1)}
         if tracker:
-            tracker.log_metrics(config["mlflow"]["run_id"], state["init"], step=config["epoch_offset"])
-    for epoch in range(state["epoch"] + 1, config["epochs"]):
-        t0, loss_sum, count = time.perf_counter(), 0.0, 0
-        for batch in train_ds.iter_torch_batches(batch_size=bs, device=device,
-                                                 local_shuffle_buffer_size=4 * bs,
-                                                 local_shuffle_seed=config["seed"] + epoch):
-            x, y = batch["image"] * scale, batch["label"]
-            if bcd:
-                loss = bcd.step(x, y)["loss"]
-            else:
-                loss_t = F.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss_t.backward()
-                opt.step()
-                if sched:
-                    sched.step()
-                loss = loss_t.item()
-            state["step"] += 1
-            loss_sum += loss * len(y)
-            count += len(y)
-            _maybe_fail(config, rank, state["step"])
-        train_seconds = time.perf_counter() - t0
-        vloss, correct, total = _validate(model, val_ds, scale, device)
-        loss_sum, count, vloss, correct, total, imgs = _all_reduce(
-            [loss_sum, count, vloss, correct, total, count / train_seconds])
-        val_acc = correct / max(total, 1)
-        state["seconds"] += time.perf_counter() - t0
-        improved = val_acc > state["best"]
-        state["best"] = max(state["best"], val_acc)
-        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
-        state["epoch"] = epoch
-        compute = config["compute_offset"] + (epoch + 1) * config["compute_per_epoch"]
-        metrics = {
-            "epoch": epoch, "global_epoch": config["epoch_offset"] + epoch,
-            "train_loss": loss_sum / max(count, 1), "val_accuracy": val_acc,
-            "val_loss": vloss / max(total, 1),
-            "images_per_s": imgs, "stage_seconds": state["seconds"],
-            "wallclock": config["wallclock_offset"] + state["seconds"],
-            "fine_equiv_epochs": compute, "n": cfg.n, "steps": sum(getattr(cfg, "unit_steps", [0])),
-        }
+            tracker.log_metrics(spec.mlflow["run_id"], state["init"], step=spec.epoch_offset)
+    step0 = state["step"]
+    for epoch in range(state["epoch"] + 1, spec.epochs):
+        t0 = time.perf_counter()
+        shard = ray.train.get_dataset_shard("train")
+        rec = train_epoch(step, _batches(shard, bs, scale, device, spec.seed + epoch), net,
+                          on_batch=lambda i, s0=step0: _maybe_fail(spec, rank, s0 + i))
+        state["step"] = step0 = step0 + rec["batches"]
+        val = _validate(model, spec, scale, device)
+        state["seconds"] += time.perf_counter() - t0  # training and validation
+        summed = _all_reduce([rec["loss"] * rec["images"], rec["images"], rec["images_per_s"]])
+        metrics = _metrics(spec, state, epoch, [summed[0], summed[1], *val, summed[2]])
+        state["bad_epochs"] = 0 if metrics["val_accuracy"] > state["best"] else state["bad_epochs"] + 1
+        state |= {"best": max(state["best"], metrics["val_accuracy"]), "epoch": epoch}
         state["history"].append(metrics)
-        stop = config.get("patience") is not None and state["bad_epochs"] >= config["patience"]
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                _save(tmp, net, opt, sched, state, {**config["lineage"], "epoch": epoch})
-                checkpoint = Checkpoint.from_directory(tmp)
-                if tracker:
-                    tracker.log_metrics(config["mlflow"]["run_id"], metrics,
-                                        step=metrics["global_epoch"])
-            ray.train.report(metrics, checkpoint=checkpoint)
-        if stop:
+        _report(spec, net, step, state, metrics, tracker)
+        if spec.patience is not None and state["bad_epochs"] >= spec.patience:
             break
-
-
-@dataclass
-class StageSpec:
-    """What the driver hands one stage."""
-
-    name: str  # deterministic: rerunning with the same name resumes the stage
-    model: NetConfig
-    level: int  # pyramid level
-    epochs: int
-    optim: dict
-    patience: int | None
-    seed: int
-    init_checkpoint: str | None
-    lineage: dict
-    epoch_offset: int = 0
-    wallclock_offset: float = 0.0
-    compute_offset: float = 0.0
-    compute_per_epoch: float = 1.0
-    extra: dict = field(default_factory=dict)  # e.g. the test-only fail_once switch
 
 
 def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
@@ -232,7 +213,7 @@ def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.pyramid import load_level, read_manifest
+    from pipelines.pyramid import input_scale, load_level, read_manifest
 
     manifest = read_manifest(pyramid)
     n_level = manifest["levels"][spec.level]["n"]
@@ -245,18 +226,12 @@ def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
         use_gpu = gpus > 0
     elif use_gpu and not gpus:
         raise ValueError("scaling.use_gpu: true, but the Ray cluster has no GPUs")
-    config = {
-        "stage": spec.name, "model": config_to_dict(spec.model), "epochs": spec.epochs,
-        "optim": spec.optim, "patience": spec.patience, "seed": spec.seed,
-        "init_checkpoint": spec.init_checkpoint, "lineage": spec.lineage,
-        "epoch_offset": spec.epoch_offset, "wallclock_offset": spec.wallclock_offset,
-        "compute_offset": spec.compute_offset, "compute_per_epoch": spec.compute_per_epoch,
-        "input_scale": [1.0 / s for s in manifest["normalisation"]["std"]],
-        "train_count": manifest["counts"]["train"]["total"], "mlflow": mlflow, **spec.extra,
-    }
+    spec.input_scale = input_scale(manifest)
+    spec.train_count = manifest["counts"]["train"]["total"]
+    spec.mlflow = mlflow
     trainer = TorchTrainer(
         train_func,
-        train_loop_config=config,
+        train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(
             num_workers=scaling["num_workers"], use_gpu=use_gpu,
             resources_per_worker={"CPU": scaling["cpus_per_worker"]},

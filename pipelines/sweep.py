@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pipelines.config import ScheduleConfig, apply_overrides, load_config
+from pipelines.runtime import require_ray
 from pipelines.tracking import Tracker, tracking_uri
 
 __all__ = ["SweepConfig", "load_sweep", "run_sweep"]
@@ -155,15 +156,9 @@ def load_sweep(path: str | os.PathLike, overrides: dict | None = None) -> SweepC
 
 def run_sweep(sweep: SweepConfig, log=print) -> dict:
     """Run (or continue) the sweep; returns ``{"best": ..., "trials": [...], "best_config": path}``."""
-    import ray
     from ray import tune
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        # on a small machine a trial (its driver), its Train worker and Ray Data's read tasks
-        # need more logical CPUs than there are cores, or lazy reads wait forever
-        ray.init(address=address, **({} if address else {
-            "num_cpus": max(4, 2 * (os.cpu_count() or 1)), "include_dashboard": False}))
+    require_ray("run_sweep")
     storage = Path(sweep.storage_path).resolve()
     path = storage / sweep.name
     uri = tracking_uri()

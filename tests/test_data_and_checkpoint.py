@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mscnn.checkpoint import load_checkpoint, save_checkpoint
-from mscnn.data import MNIST_SCALE, load_mnist, mnist_splits, read_idx
+from mscnn.data import MNIST_SCALE, find_mnist_dir, load_mnist, mnist_splits, read_idx, split_indices
 from mscnn.hierarchy import to_resolution
 from mscnn.ode import ODENet
 
@@ -51,15 +51,27 @@ def test_missing_mnist_says_where_it_looked(tmp_path, monkeypatch):
         load_mnist("test", tmp_path / "nowhere")
 
 
+def _mnist_or_skip():
+    try:
+        return find_mnist_dir()
+    except FileNotFoundError as e:
+        pytest.skip(f"real MNIST not staged here: {e}")
+
+
 def test_real_mnist_from_shared_data():
-    """The staged original files (../shared/data/mnist): counts and known first labels."""
+    """The staged original files (../shared/data/mnist): counts and known first labels; the split
+    is the pyramid's (split_indices, seed 0) and the scale makes the training split's std 1."""
+    _mnist_or_skip()
     s = mnist_splits()
     assert (len(s["train"]), len(s["val"]), len(s["test"])) == (50_000, 10_000, 10_000)
-    assert s["train"].y[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    raw_x, raw_y = load_mnist("train")
+    tr, va = split_indices(60_000, 10_000, 0)
+    assert s["train"].y.tolist() == raw_y[tr].tolist() and s["val"].y.tolist() == raw_y[va].tolist()
+    assert raw_y[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
     assert s["test"].y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
     assert s["train"].x.shape[1:] == (1, 28, 28) and s["train"].x.dtype == torch.float32
-    x, _ = load_mnist("train")
-    assert (x * MNIST_SCALE).mean().item() == pytest.approx(0.13066, abs=1e-4)
+    assert s["train"].x.double().std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+    assert (raw_x * MNIST_SCALE).mean().item() == pytest.approx(0.13066, abs=1e-4)
 
 
 def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path):

@@ -7,10 +7,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mscnn.checkpoint import load_checkpoint
+from mscnn.data import Split
 from mscnn.hierarchy import to_depth, to_resolution
 from mscnn.resnet import ResNetConfig, resnet_to_resolution
+from mscnn.train import accuracy
 from mscnn.transfer import prolong_stencil
 from pipelines.config import ConfigError, ScheduleConfig, load_config
+from pipelines.pyramid import input_scale, level_for, level_tensors, read_manifest
 from pipelines.schedule import run_schedule
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -38,6 +41,15 @@ def _run_dir(cfg):
     return Path(cfg.storage_path) / f"{cfg.name}-{cfg.config_hash()}"
 
 
+def _val_accuracy(cfg, model) -> float:
+    """``model``'s accuracy on the val split of its level, read without Ray, scaled as stages do."""
+    pyramid = Path(cfg.pyramid_root) / cfg.pyramid.name
+    man = read_manifest(pyramid)
+    val = level_tensors(pyramid, level_for(man, model.config.n, "test"), "val")
+    scale = torch.tensor(input_scale(man)).view(1, -1, 1, 1)
+    return accuracy(model, Split(val.x * scale, val.y))
+
+
 def test_two_level_schedule_hands_over_prolonged_weights_and_resumes(local_ray, tmp_path, mlflow_uri):
     cfg = _cfg(tmp_path, [{"n": 8, "steps": 1, "epochs": 2},
                           {"n": 16, "steps": 1, "epochs": 1, "lam": 0.5, "galerkin": ["units"]}])
@@ -57,6 +69,7 @@ def test_two_level_schedule_hands_over_prolonged_weights_and_resumes(local_ray, 
     fine, _ = load_checkpoint(res["checkpoint"])
     assert fine.n == 16
     assert not torch.equal(fine.units[0].K, init.units[0].K)  # and it trained from there
+    assert res["stages"][1]["init"]["init_val_accuracy"] == pytest.approx(_val_accuracy(cfg, init), abs=1e-9)
     # fine-grid-equivalent compute: 2 epochs at (8/16)^2, then 1 at full cost
     assert res["fine_equiv_epochs"] == pytest.approx(2 * 0.25 + 1)
 
@@ -171,7 +184,8 @@ def test_resnet34_schedule_hands_over_galerkin_prolonged_convolutions(local_ray,
     assert fine.config.n == 16 and not torch.equal(fine.conv1.weight, init.conv1.weight)
     assert [s["steps"] for s in res["stages"]] == [None, None]
     assert res["fine_equiv_epochs"] == pytest.approx(0.25 + 1)  # cost ~ pixels
-    assert 0 <= res["stages"][1]["init"]["init_val_accuracy"] <= 1
+    # the recorded start of the fine stage is the handed-over network's own val accuracy
+    assert res["stages"][1]["init"]["init_val_accuracy"] == pytest.approx(_val_accuracy(cfg, init), abs=1e-9)
 
 
 def test_bcd_optimizer_in_a_two_worker_ddp_stage(local_ray, tmp_path, mlflow_uri):

@@ -123,13 +123,16 @@ def test_transfer_identity_for_batched_conv_weights(pair):
 
 
 def test_dtype_device_and_shape_are_kept():
-    for dt in (torch.float32, torch.float64):
-        s = torch.randn(2, 3, 3, 3, dtype=dt)
-        assert restrict_stencil(s).dtype == dt and prolong_stencil(s).shape == s.shape
-        x = torch.randn(2, 3, 8, 8, dtype=dt)
-        assert restrict_image(x).shape == (2, 3, 4, 4) and restrict_image(x).dtype == dt
-        assert prolong_image(x).shape == (2, 3, 16, 16)
-        assert gaussian_blur(x, 1.0).shape == x.shape
+    devices = ["cpu", "meta"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        for dt in (torch.float32, torch.float64):
+            s = torch.randn(2, 3, 3, 3, dtype=dt, device=dev)
+            for out in (restrict_stencil(s), prolong_stencil(s)):
+                assert (out.dtype, out.device.type, out.shape) == (dt, torch.device(dev).type, s.shape)
+            x = torch.randn(2, 3, 8, 8, dtype=dt, device=dev)
+            for out, shape in ((restrict_image(x), (2, 3, 4, 4)), (prolong_image(x), (2, 3, 16, 16)),
+                               (gaussian_blur(x, 1.0), (2, 3, 8, 8))):
+                assert (out.dtype, out.device.type, tuple(out.shape)) == (dt, torch.device(dev).type, shape)
 
 
 def test_nine_by_nine_map_is_formed_once_per_pair():

@@ -33,6 +33,16 @@ class BCD:
         self.prop_names = [k for k, _ in model.named_parameters() if not k.startswith("classifier.")]
         self.cls_names = [k for k, _ in model.named_parameters() if k.startswith("classifier.")]
 
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """The ``mscnn.train.Step`` interface: one iteration, returning the loss."""
+        return self.step(x, y)["loss"]
+
+    def state_dict(self) -> dict:  # BCD keeps no state between iterations
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     # ---------------------------------------------------------------- flat views
     def _flat(self, names: list[str]) -> torch.Tensor:
         params = dict(self.model.named_parameters())

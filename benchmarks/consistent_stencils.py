@@ -1,0 +1,156 @@
+"""Networks trained at one resolution, moved to another without retraining: stencil kinds
+(``ODENetConfig.stencil``) against the paper's Galerkin transfer and the naive one, with the
+ceiling rows and a prefilter, on MNIST.
+
+    python benchmarks/consistent_stencils.py --kinds free moment gaussian moment-blur \\
+        --pairs 14:28 7:28 --epochs 3 --seeds 0 [--train-count 50000] [--threads 2]
+
+For each kind and seed: one network trained at the coarse and one at the fine resolution of each
+pair (coarse images = the pyramid's ``restrict(blur(x, 1 fine pixel))`` per level, ``coarsen``),
+then every row on the test file (and val):
+
+* ``native``: each network on its own images;
+* ``ceiling``: resample the input to the network's own grid and run the native network
+  (coarse->fine: the coarse network on the restricted fine images, i.e. its native accuracy;
+  fine->coarse: the fine network on prolonged coarse images);
+* moved networks: ``free`` with ``naive`` and ``galerkin`` (``to_resolution``); consistent kinds
+  with ``to_resolution`` (re-discretised, nothing to choose); each coarse->fine move also with a
+  ``prefilter``: the fine input blurred like the pyramid before the moved network sees it.
+
+Also per kind: training images/s at each resolution (the same loop, ``mscnn.train.fit``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from common import ROOT, machine, metrics_of, publish
+
+from mscnn.data import Split, coarsen, mnist_splits
+from mscnn.hierarchy import to_resolution
+from mscnn.ode import ODENet
+from mscnn.train import accuracy, fit
+from mscnn.transfer import gaussian_blur, prolong_image
+
+
+def _prolong(d: Split, levels: int) -> Split:
+    x = d.x
+    for _ in range(levels):
+        x = prolong_image(x)
+    return Split(x, d.y)
+
+
+def _prefilter(d: Split, levels: int) -> Split:
+    """The fine input blurred as the pyramid blurs before restricting (sigma 1 pixel per level)."""
+    return Split(gaussian_blur(d.x, float(levels) ** 0.5), d.y)
+
+
+def run_pair(kind: str, n_c: int, n_f: int, data: dict, args, seed: int) -> list[dict]:
+    levels = (n_f // n_c).bit_length() - 1
+    fine = {k: data[k] for k in ("train", "val", "test")}
+    coarse = {k: coarsen(v, levels, 1.0) for k, v in fine.items()}
+    nets, speed = {}, {}
+    for n, d in ((n_c, coarse), (n_f, fine)):
+        torch.manual_seed(seed)
+        net = ODENet(channels=args.channels, steps=args.steps, n=n, stencil=kind,
+                     stencil_scale=args.scale)
+        t0 = time.perf_counter()
+        hist = fit(net, d["train"], args.epochs, args.lr, 128, seed)
+        speed[n] = {"images_per_s": statistics.median(h["images_per_s"] for h in hist),
+                    "seconds": time.perf_counter() - t0}
+        nets[n] = net
+    rows = []
+
+    def row(direction, method, net, split_of):
+        for ev in ("val", "test"):
+            rows.append({"kind": kind, "pair": f"{n_c}:{n_f}", "seed": seed, "direction": direction,
+                         "method": method, "eval": ev, "accuracy": accuracy(net, split_of(ev))})
+
+    row("coarse", "native", nets[n_c], lambda e: coarse[e])
+    row("fine", "native", nets[n_f], lambda e: fine[e])
+    row("coarse->fine", "ceiling", nets[n_c], lambda e: coarse[e])
+    row("fine->coarse", "ceiling", nets[n_f], lambda e: _prolong(coarse[e], levels))
+    moves = [("naive", True), ("galerkin", False)] if kind == "free" else [("consistent", False)]
+    for method, naive in moves:
+        up = to_resolution(nets[n_c], n_f, naive=naive)
+        row("coarse->fine", method, up, lambda e: fine[e])
+        row("coarse->fine", method + " + prefilter", up, lambda e: _prefilter(fine[e], levels))
+        row("fine->coarse", method, to_resolution(nets[n_f], n_c, naive=naive), lambda e: coarse[e])
+    for r in rows:
+        r["speed"] = speed
+    return rows
+
+
+def table(rows: list[dict], ev: str) -> str:
+    keys = list(dict.fromkeys((r["pair"], r["direction"], r["kind"], r["method"]) for r in rows))
+    out = [f"| pair | direction | stencil | method | {ev} accuracy % (mean +- sd) | seeds |",
+           "|---|---|---|---|---|---|"]
+    for k in keys:
+        accs = [100 * r["accuracy"] for r in rows
+                if (r["pair"], r["direction"], r["kind"], r["method"]) == k and r["eval"] == ev]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        out.append(f"| {' | '.join(k)} | {statistics.mean(accs):.2f} +- {sd:.2f} | {len(accs)} |")
+    return "\n".join(out)
+
+
+def speed_table(rows: list[dict]) -> str:
+    out = ["| stencil | pair | resolution | training images/s (median epoch) | vs free |",
+           "|---|---|---|---|---|"]
+    seen = {}
+    for r in rows:
+        for n, s in r["speed"].items():
+            seen.setdefault((r["kind"], r["pair"], n), []).append(s["images_per_s"])
+    for (kind, pair, n), v in seen.items():
+        free = seen.get(("free", pair, n))
+        ratio = f"{statistics.median(v) / statistics.median(free):.2f}x" if free else ""
+        out.append(f"| {kind} | {pair} | {n} | {statistics.median(v):.0f} | {ratio} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kinds", nargs="+", default=["free", "moment", "gaussian", "moment-blur"])
+    ap.add_argument("--pairs", nargs="+", default=["14:28", "7:28"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--train-count", type=int, default=50_000)
+    ap.add_argument("--channels", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--scale", type=float, default=0.05, help="stencil_scale (image widths)")
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    d = mnist_splits(args.data_dir)
+    data = {"train": Split(d["train"].x[: args.train_count], d["train"].y[: args.train_count]),
+            "val": d["val"], "test": d["test"]}
+    rows, t0 = [], time.perf_counter()
+    for seed in args.seeds:
+        for pair in args.pairs:
+            n_c, n_f = (int(v) for v in pair.split(":"))
+            for kind in args.kinds:
+                new = run_pair(kind, n_c, n_f, data, args, seed)
+                for r in new:
+                    if r["eval"] == "test":
+                        print(f"seed {seed} {pair} {kind:11s} {r['direction']:13s} {r['method']:22s} "
+                              f"{100 * r['accuracy']:6.2f}%", flush=True)
+                rows += new
+    head = (f"MNIST, networks trained at one resolution and moved without retraining; "
+            f"{len(data['train'])} training images, Adam lr {args.lr} cosine, {args.epochs} epochs, "
+            f"{args.channels} channels, {args.steps} steps, stencil_scale {args.scale}; seeds "
+            f"{args.seeds}; {machine()}; {time.perf_counter() - t0:.0f} s.")
+    md = "\n\n".join([head, "Test file:", table(rows, "test"), "Validation:", table(rows, "val"),
+                      "Cost:", speed_table(rows)])
+    print("\n" + md)
+    metrics = metrics_of({f"{r['pair']}/{r['kind']}/{r['direction']}/{r['method']}/{r['eval']}/s{r['seed']}":
+                          {"accuracy": r["accuracy"]} for r in rows})
+    publish(args.out, "consistent_stencils", md, {"args": vars(args), "rows": rows}, vars(args), metrics)
+
+
+if __name__ == "__main__":
+    main()

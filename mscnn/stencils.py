@@ -1,0 +1,147 @@
+"""Stencil parameterisations of the ODE network's spatial convolutions (``ODENetConfig.stencil``).
+
+* ``"free"``: today's 3x3 weights ``(out, in, 3, 3)``, one fixed grid; moved across resolution by
+  ``mscnn.hierarchy.to_resolution`` (Galerkin or naive).
+* ``"moment"`` (PDE-Net's moment kernels): ``K_h = sum_{|a|<=2} theta_a L^|a| D_a(h)``, ``D_a`` the
+  central-difference stencil of ``d^a`` on the grid of spacing ``h``, ``L = scale`` a physical
+  length (a fraction of the image width). ``theta (out, in, 6)`` is resolution-free: on a finer
+  grid the same ``theta`` gives the same differential operator (Galerkin's moment scaling,
+  restricted to the orders a 3x3 stencil resolves well).
+* ``"gaussian"`` (Gaussian-derivative / N-jet networks, Lindeberg; Pintea et al.'s N-JetNet):
+  ``K = sum_{|a|<=2} theta_a sigma^|a| d^a G_sigma`` with ``sigma = scale`` fixed in physical units,
+  discretised on each grid (a sampled, normalised Gaussian of ``sigma / h`` pixels, then central
+  differences). A finer grid gets a wider support and the *same* band-limited operator, so a network
+  sees the same features at every resolution. Applied as a separable depthwise blur, one depthwise
+  3x3 conv to the six derivative fields, and a 1x1 mixing conv (no wide dense kernel).
+
+* ``"moment-blur"``: ``"gaussian"`` in the opening layer (the input band-limited at ``sigma``, the
+  cheap place: one channel in), ``"moment"`` in the Euler steps: consistent at the cost of free 3x3.
+
+The consistent kinds take ``h`` from their input (``h = 1 / width``: the image spans the unit
+square at every layer), so one module serves every grid: moving a network re-discretises nothing
+by hand and solves no 9x9 system. The six derivative fields, in order: ``1, d_x, d_y, d_xx, d_xy,
+d_yy`` (``x`` along the last axis); their orders: ``ORDERS``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ORDERS", "STENCILS", "StencilConv", "derivative_stencils", "gaussian_taps", "layer_kind",
+           "stencil_kind"]
+
+ORDERS = (0, 1, 1, 2, 2, 2)
+
+
+@cache
+def _unit_stencils() -> torch.Tensor:
+    """The six central-difference stencils on a unit grid, ``(6, 3, 3)`` float64, as conv2d
+    (cross-correlation) weights: ``out[i, j] = sum s[p, q] y[i + p - 1, j + q - 1]``."""
+    s = torch.zeros(6, 3, 3, dtype=torch.float64)
+    s[0, 1, 1] = 1.0
+    s[1, 1, 2], s[1, 1, 0] = 0.5, -0.5  # d/dx: (y[j+1] - y[j-1]) / 2
+    s[2, 2, 1], s[2, 0, 1] = 0.5, -0.5  # d/dy
+    s[3, 1, :] = torch.tensor([1.0, -2.0, 1.0])  # d2/dx2
+    s[4] = torch.tensor([[1.0, 0, -1], [0, 0, 0], [-1, 0, 1]]) / 4  # d2/dxdy
+    s[5, :, 1] = torch.tensor([1.0, -2.0, 1.0])  # d2/dy2
+    return s
+
+
+def derivative_stencils(h: float, scale: float) -> torch.Tensor:
+    """``(6, 3, 3)`` float64: ``scale^|a| D_a(h)``, the scaled central differences for grid
+    spacing ``h``.
+
+    >>> derivative_stencils(0.5, 0.5)[1]  # scale/h = 1: the plain central difference
+    tensor([[ 0.0000,  0.0000,  0.0000],
+            [-0.5000,  0.0000,  0.5000],
+            [ 0.0000,  0.0000,  0.0000]], dtype=torch.float64)
+    """
+    r = scale / h
+    return _unit_stencils() * torch.tensor([r**k for k in ORDERS], dtype=torch.float64).view(6, 1, 1)
+
+
+def gaussian_taps(sigma_px: float) -> torch.Tensor:
+    """A sampled Gaussian of standard deviation ``sigma_px`` pixels, normalised to sum 1, radius
+    ``ceil(4 sigma_px)`` (at least 1; the tail left out is below 1e-4), float64. Below a third of
+    a pixel it is the identity.
+
+    >>> gaussian_taps(0.1).tolist()
+    [0.0, 1.0, 0.0]
+    """
+    if sigma_px <= 1 / 3:
+        return torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    r = max(1, math.ceil(4 * sigma_px))
+    k = torch.arange(-r, r + 1, dtype=torch.float64)
+    g = torch.exp(-0.5 * (k / sigma_px) ** 2)
+    return g / g.sum()
+
+
+class StencilConv(nn.Module):
+    """A spatial convolution ``(B, in, n, n) -> (B, out, n, n)`` of the given ``kind`` (see the
+    module docstring), zero padding, optional bias. ``weight``: ``(out, in, 3, 3)`` for ``"free"``,
+    ``(out, in, 6)`` for the consistent kinds (derivative coefficients)."""
+
+    def __init__(self, c_in: int, c_out: int, kind: str = "free", scale: float = 1 / 28,
+                 bias: bool = True) -> None:
+        super().__init__()
+        stencil_kind(kind)
+        self.kind, self.scale = kind, float(scale)
+        shape = (c_out, c_in, 3, 3) if kind == "free" else (c_out, c_in, 6)
+        fan_in = c_in * (9 if kind == "free" else 6)
+        bound = 1.0 / math.sqrt(fan_in)  # nn.Conv2d's default scale
+        self.weight = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(c_out).uniform_(-bound, bound)) if bias else None
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return stencil_conv(y, self.weight, self.bias, self.kind, self.scale)
+
+
+def _features(y: torch.Tensor, kind: str, scale: float) -> torch.Tensor:
+    """``(B, C, n, n) -> (B, 6C, n, n)``: the six scaled derivative fields of each channel (of the
+    Gaussian-blurred channel for ``"gaussian"``), channel-major (``[c0: 1, dx, ..., c1: ...]``)."""
+    C, n = y.shape[1], y.shape[-1]
+    h = 1.0 / n
+    if kind == "gaussian":
+        g = gaussian_taps(scale / h)
+        if len(g) > 3 or g[1] != 1:
+            r = (len(g) - 1) // 2
+            g = g.to(y.dtype).to(y.device)
+            y = F.conv2d(y, g.view(1, 1, 1, -1).expand(C, 1, 1, -1), padding=(0, r), groups=C)
+            y = F.conv2d(y, g.view(1, 1, -1, 1).expand(C, 1, -1, 1), padding=(r, 0), groups=C)
+    d = derivative_stencils(h, scale).to(y.dtype).to(y.device)
+    return F.conv2d(y, d.repeat(C, 1, 1).unsqueeze(1), padding=1, groups=C)
+
+
+def stencil_conv(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str,
+                 scale: float) -> torch.Tensor:
+    """The functional form of ``StencilConv`` (what ``EulerUnit`` calls with one time step's
+    weights)."""
+    if kind == "free":
+        return F.conv2d(y, weight, bias, padding=1)
+    if kind == "moment":  # the effective 3x3 kernel, one dense conv: as cheap as "free"
+        d = derivative_stencils(1.0 / y.shape[-1], scale).to(weight.dtype).to(weight.device)
+        return F.conv2d(y, torch.einsum("oia,apq->oipq", weight, d), bias, padding=1)
+    out, c_in = weight.shape[:2]
+    return F.conv2d(_features(y, kind, scale), weight.reshape(out, c_in * 6, 1, 1), bias)
+
+
+STENCILS = ("free", "moment", "gaussian", "moment-blur")
+
+
+def layer_kind(kind: str, layer: str) -> str:
+    """The kind a layer (``"opening"`` or ``"units"``) of a network of ``kind`` uses."""
+    if kind == "moment-blur":
+        return "gaussian" if layer == "opening" else "moment"
+    return kind
+
+
+def stencil_kind(kind: str) -> str:
+    """``kind`` if it is one of ``STENCILS``; else ``ValueError`` listing the valid ones."""
+    if kind not in STENCILS:
+        raise ValueError(f"unknown stencil kind {kind!r}; valid: {list(STENCILS)}")
+    return kind

@@ -1,0 +1,40 @@
+"""Where Ray starts: ``init_ray`` is the one ``ray.init`` call of the CLI and the pipeline.
+
+Library and pipeline functions (``build_pyramid``, ``run_schedule``, ``run_sweep``) never start
+Ray themselves; they call ``require_ray`` and fail with a clear message when the caller did not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+__all__ = ["init_ray", "require_ray"]
+
+
+def init_ray(address: str | None = None, quiet: bool = False, num_cpus: int | None = None) -> None:
+    """Join ``address`` / ``RAY_ADDRESS``, or start a local Ray (``num_cpus`` logical CPUs: on a
+    small machine a Tune trial, its Train worker and Ray Data's reads need more than the cores).
+    ``quiet``: keep the workers' and Ray Data's log lines out of the terminal (they stay in the
+    session's log folder). A Ray already started in this process is kept as it is."""
+    import ray
+
+    if quiet:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        for name in ("ray.data", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    local = {} if address else {"include_dashboard": False,
+                                **({"num_cpus": num_cpus} if num_cpus else {})}
+    ray.init(address=address, log_to_driver=not quiet, **local)
+
+
+def require_ray(what: str) -> None:
+    """``RuntimeError`` naming ``what`` unless Ray is started in this process."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError(f"{what} needs Ray: start it first with pipelines.runtime.init_ray() "
+                           "(the mscnn CLI does) or ray.init(...)")

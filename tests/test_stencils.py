@@ -1,0 +1,108 @@
+"""Scale-consistent stencils (mscnn.stencils): convergence under refinement, exactness on
+polynomials, resolution-free parameters, differentiability, clear errors."""
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from mscnn.hierarchy import resolution_state, to_resolution
+from mscnn.ode import STENCILS, ODENet, ODENetConfig
+from mscnn.stencils import stencil_conv
+
+CONSISTENT = ["moment", "gaussian"]
+
+
+def _grid(n):
+    """Vertex grid on the unit square, x_i = i / n (x along the last axis)."""
+    t = torch.arange(n, dtype=torch.float64) / n
+    return t.view(1, n), t.view(n, 1)
+
+
+def _apply(kind, theta, f, n, scale):
+    x, y = _grid(n)
+    field = f(x, y).expand(n, n).reshape(1, 1, n, n)
+    return stencil_conv(field, theta.view(1, 1, 6), None, kind, scale)[0, 0]
+
+
+@pytest.mark.parametrize("kind", CONSISTENT)
+def test_refinement_converges_at_second_order(kind):
+    """The same theta on grids 16, 32, 64, 128 applied to a smooth function: the differences at
+    shared interior points shrink about 4x per halving of h."""
+    theta = torch.tensor([0.3, -1.2, 0.7, 0.5, -0.8, 0.4], dtype=torch.float64)
+
+    def f(x, y):
+        return torch.sin(2 * torch.pi * x) * torch.cos(2 * torch.pi * y) + 0.5 * torch.cos(4 * torch.pi * x)
+
+    ops = {n: _apply(kind, theta, f, n, 0.1) for n in (16, 32, 64, 128)}
+
+    def at16(op, n):  # the 16-grid's interior points [0.3, 0.7] on grid n
+        k = n // 16
+        return op[::k, ::k][5:12, 5:12]
+
+    errs = [(at16(ops[n], n) - at16(ops[2 * n], 2 * n)).abs().max().item() for n in (16, 32, 64)]
+    ratios = [errs[0] / errs[1], errs[1] / errs[2]]
+    assert all(3.0 < r < 5.5 for r in ratios), (errs, ratios)
+
+
+@pytest.mark.parametrize("kind", CONSISTENT)
+def test_constants_and_linear_functions_are_exact(kind):
+    n, L = 64, 0.05  # gaussian: sigma 3.2 pixels, radius 13
+    e = torch.eye(6, dtype=torch.float64)
+    inner = (slice(16, 48), slice(16, 48))  # away from the zero border
+    const = _apply(kind, e[0], lambda x, y: 0 * x + 0 * y + 2.5, n, L)
+    torch.testing.assert_close(const[inner], torch.full((32, 32), 2.5, dtype=torch.float64))
+
+    def lin(x, y):
+        return 3 * x - 2 * y + 1
+
+    dx, dy = _apply(kind, e[1], lin, n, L), _apply(kind, e[2], lin, n, L)
+    torch.testing.assert_close(dx[inner], torch.full((32, 32), 3 * L, dtype=torch.float64))
+    torch.testing.assert_close(dy[inner], torch.full((32, 32), -2 * L, dtype=torch.float64))
+    for a in (3, 4, 5):  # second derivatives of a linear function vanish
+        assert _apply(kind, e[a], lin, n, L)[inner].abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["moment", "gaussian", "moment-blur"])
+def test_to_resolution_keeps_the_continuous_parameters(kind):
+    torch.manual_seed(0)
+    net = ODENet(channels=[3, 4], steps=2, n=16, stencil=kind, pair="average")
+    down = to_resolution(net, 8)
+    for k, v in net.state_dict().items():
+        if k != "classifier.W":
+            assert torch.equal(down.state_dict()[k], v), k
+    assert down.config == net.config.replace(n=8)
+    # the round trip 16 -> 32 -> 16 is exact (R P = I for the average pair moves W back exactly)
+    back = to_resolution(to_resolution(net, 32), 16)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=1e-6)
+    x = torch.randn(4, 1, 16, 16)
+    torch.testing.assert_close(back(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_resolution_state_is_differentiable():
+    torch.manual_seed(0)
+    net = ODENet(channels=2, steps=1, n=8, stencil="gaussian", classes=3).double()
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+    template = ODENet(resolution_state(net, 16)[0]).double()
+    names = [k for k, _ in net.named_parameters()]
+
+    def logits(*params):
+        _, state = resolution_state(net, 16, state=dict(zip(names, params, strict=True)))
+        return functional_call(template, state, (x,))
+
+    params = tuple(p.detach().clone().requires_grad_() for p in net.parameters())
+    assert torch.autograd.gradcheck(logits, params, eps=1e-6, atol=1e-5)
+
+
+def test_unknown_kind_names_the_valid_ones():
+    assert STENCILS == ("free", "moment", "gaussian", "moment-blur")
+    with pytest.raises(ValueError, match=r"stencil: unknown stencil kind 'njet'; valid: \['free'"):
+        ODENetConfig(stencil="njet")
+    with pytest.raises(ValueError, match=r"stencil_scale: must be > 0"):
+        ODENetConfig(stencil="gaussian", stencil_scale=0.0)
+
+
+def test_free_stencils_are_unchanged_and_consistent_kinds_are_no_costlier_in_parameters():
+    free, moment = ODENet(channels=4, n=8), ODENet(channels=4, n=8, stencil="moment")
+    assert free.units[0].K.shape == (2, 4, 4, 3, 3) and moment.units[0].K.shape == (2, 4, 4, 6)
+    assert sum(p.numel() for p in moment.parameters()) < sum(p.numel() for p in free.parameters())
