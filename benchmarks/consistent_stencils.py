@@ -110,6 +110,35 @@ def speed_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def speed_alternating(kinds: list[str], sizes: list[int], args, batches: int = 20) -> str:
+    """Training images/s of each kind, measured A B C A B C ... (``--speed-repeats`` rounds of
+    ``batches`` Adam steps each, batch 128) so machine noise hits every kind alike; the ratio to
+    ``free`` is per round, reported as median [min-max]."""
+    from mscnn.train import TorchStep
+
+    out = ["| resolution | stencil | images/s (median) | vs free: median [min-max] |", "|---|---|---|---|"]
+    for n in sizes:
+        nets, rate = {}, {k: [] for k in kinds}
+        for k in kinds:
+            torch.manual_seed(0)
+            net = ODENet(channels=args.channels, steps=args.steps, n=n, stencil=k, stencil_scale=args.scale)
+            nets[k] = (net, TorchStep(net, torch.optim.Adam(net.parameters(), 1e-3)))
+        x, y = torch.randn(128, 1, n, n), torch.randint(0, 10, (128,))
+        for _ in range(args.speed_repeats):
+            for k in kinds:
+                net, step = nets[k]
+                step(x, y)  # warm
+                t0 = time.perf_counter()
+                for _ in range(batches):
+                    step(x, y)
+                rate[k].append(128 * batches / (time.perf_counter() - t0))
+        for k in kinds:
+            ratios = [a / b for a, b in zip(rate[k], rate.get("free", rate[k]), strict=True)]
+            out.append(f"| {n} | {k} | {statistics.median(rate[k]):.0f} | {statistics.median(ratios):.2f}x "
+                       f"[{min(ratios):.2f}-{max(ratios):.2f}] |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kinds", nargs="+", default=["free", "moment", "gaussian", "moment-blur"])
@@ -122,10 +151,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale", type=float, default=0.05, help="stencil_scale (image widths)")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--speed-repeats", type=int, default=5, help="alternating speed rounds (0: none)")
+    ap.add_argument("--speed-only", action="store_true", help="only the alternating speed table")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    sizes = sorted({int(v) for p in args.pairs for v in p.split(":")})
+    speed = speed_alternating(args.kinds, sizes, args) if args.speed_repeats else ""
+    if args.speed_only:
+        print(speed)
+        return
     d = mnist_splits(args.data_dir)
     data = {"train": Split(d["train"].x[: args.train_count], d["train"].y[: args.train_count]),
             "val": d["val"], "test": d["test"]}
@@ -145,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.channels} channels, {args.steps} steps, stencil_scale {args.scale}; seeds "
             f"{args.seeds}; {machine()}; {time.perf_counter() - t0:.0f} s.")
     md = "\n\n".join([head, "Test file:", table(rows, "test"), "Validation:", table(rows, "val"),
-                      "Cost:", speed_table(rows)])
+                      "Cost inside the training runs above (not alternated):", speed_table(rows),
+                      "Cost, alternating (fair ratios):", speed])
     print("\n" + md)
     metrics = metrics_of({f"{r['pair']}/{r['kind']}/{r['direction']}/{r['method']}/{r['eval']}/s{r['seed']}":
                           {"accuracy": r["accuracy"]} for r in rows})

@@ -1,7 +1,8 @@
 """Algorithm 1 vs single-scale training on MNIST: wall-clock and fine-grid-equivalent compute to
 reach validation accuracy targets, with 1, 2 and 3 levels.
 
-    python benchmarks/multiscale_training.py [--epochs 8 4 6] [--targets 0.97 0.98 0.99]
+    python benchmarks/multiscale_training.py [--epochs 8 4 6] [--targets 0.97 0.98 0.99] \
+        [--stencil free|moment|gaussian|moment-blur] [--repeats 3] [--plans 1 2]
 
 Plain PyTorch (``mscnn.train.fit``; the Ray pipeline runs the same per-level loop, see
 ``system_overhead.py`` for its cost). 1 level: ``--epochs[0]`` epochs at 28x28. 2 levels:
@@ -9,12 +10,17 @@ Plain PyTorch (``mscnn.train.fit``; the Ray pipeline runs the same per-level loo
 ``--epochs[1]`` at 7x7 and at 14x14, then ``--epochs[2]`` at 28x28. Adam lr 1e-2, cosine per level,
 batch 128, 50,000 training images (coarse = full-weighting restriction of the blurred image, sigma
 1, as in the pyramid); validation accuracy on 10,000 images after every epoch. Compute counts an
-epoch at ``n`` as ``(n / 28)^2`` fine epochs.
+epoch at ``n`` as ``(n / 28)^2`` fine epochs. ``--stencil``: the network's stencil kind
+(``mscnn.stencils``; consistent kinds are moved by re-discretisation, ``--transfer`` applies to
+``free``). ``--repeats R``: the plans run R times in alternating order (A B A B ...), and the table
+gives the median time to each target with its min-max spread, so the ratios are fair on a noisy
+machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -31,7 +37,7 @@ def run(name: str, plan: list[tuple[int, int]], data: dict, args) -> dict:
     net, t_train, compute, curve = None, 0.0, 0.0, []
     for n, epochs in plan:
         if net is None:
-            net = ODENet(n=n, channels=args.channels, steps=2)
+            net = ODENet(n=n, channels=args.channels, steps=2, stencil=args.stencil)
         elif net.n != n:
             net = to_resolution(net, n, naive=args.transfer == "naive", lam=args.lam)
             curve.append({"n": n, "epoch": -1, "seconds": t_train, "fine_equiv": compute,
@@ -58,12 +64,32 @@ def run(name: str, plan: list[tuple[int, int]], data: dict, args) -> dict:
     return out
 
 
+def _median_row(rs: list[dict], targets) -> dict:
+    """One row from repeated runs of a plan: accuracies of the first run (same seed: the same
+    numbers), times to each target as the median with a min-max spread (None unless every repeat
+    reached it)."""
+    out = dict(rs[0], repeats=[{k: r[k] for k in r if k != "curve"} for r in rs])
+    out["seconds"] = statistics.median(r["seconds"] for r in rs)
+    for t in targets:
+        hits = [r[f"to_{t:g}"] for r in rs]
+        if any(h is None for h in hits):
+            out[f"to_{t:g}"] = None
+            continue
+        secs = [h["seconds"] for h in hits]
+        out[f"to_{t:g}"] = {"seconds": statistics.median(secs), "fine_equiv": hits[0]["fine_equiv"],
+                            "spread": f"{min(secs):.0f}-{max(secs):.0f}", "all_seconds": secs}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, nargs=3, default=[8, 4, 6],
                     metavar=("SINGLE", "COARSE", "FINE_AFTER"))
     ap.add_argument("--targets", type=float, nargs="+", default=[0.97, 0.98, 0.99])
     ap.add_argument("--transfer", choices=["galerkin", "naive"], default="galerkin")
+    ap.add_argument("--stencil", default="free", help="ODENetConfig.stencil")
+    ap.add_argument("--repeats", type=int, default=1, help="alternating repeats of the plans")
+    ap.add_argument("--plans", type=int, nargs="+", default=[1, 2, 3], help="level counts to run")
     ap.add_argument("--lam", type=float, default=0.0)
     ap.add_argument("--channels", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-2)
@@ -81,18 +107,25 @@ def main(argv: list[str] | None = None) -> None:
     plans = {"1 level (28)": [(28, single)],
              "2 levels (14, 28)": [(14, coarse), (28, after)],
              "3 levels (7, 14, 28)": [(7, coarse), (14, coarse), (28, after)]}
+    plans = {k: v for k, v in plans.items() if int(k[0]) in args.plans}
     t0 = time.perf_counter()
-    rows = [run(name, plan, data, args) for name, plan in plans.items()]
-    head = (f"MNIST, ODENet {args.channels} channels 2 steps tanh, Adam lr {args.lr} cosine per level, "
-            f"transfer {args.transfer}{f' lam={args.lam:g}' if args.lam else ''}, seed {args.seed}; "
+    runs = {name: [] for name in plans}
+    for _ in range(args.repeats):  # A B A B ...: machine noise hits every plan alike
+        for name, plan in plans.items():
+            runs[name].append(run(name, plan, data, args))
+    rows = [_median_row(rs, args.targets) for rs in runs.values()]
+    transfer = args.transfer if args.stencil == "free" else "re-discretised"
+    head = (f"MNIST, ODENet {args.channels} channels 2 steps tanh, stencil {args.stencil}, Adam lr "
+            f"{args.lr} cosine per level, transfer {transfer}{f' lam={args.lam:g}' if args.lam else ''}, "
+            f"seed {args.seed}, {args.repeats} alternating repeat(s) (times: median [min-max]); "
             f"{machine()}; {time.perf_counter() - t0:.0f} s.")
     cols = "".join(f" to {100 * t:g}%: s / fine epochs |" for t in args.targets)
     md = [head, "", f"| schedule | final val % | best val % | train s | fine epochs |{cols}",
           "|---|---|---|---|---|" + "---|" * len(args.targets)]
     for r in rows:
         hits = "".join(" not reached |" if r[f"to_{t:g}"] is None else
-                       f" {r[f'to_{t:g}']['seconds']:.0f} / {r[f'to_{t:g}']['fine_equiv']:.2f} |"
-                       for t in args.targets)
+                       f" {r[f'to_{t:g}']['seconds']:.0f} [{r[f'to_{t:g}']['spread']}] / "
+                       f"{r[f'to_{t:g}']['fine_equiv']:.2f} |" for t in args.targets)
         md.append(f"| {r['name']} | {100 * r['final']:.2f} | {100 * r['best']:.2f} | "
                   f"{r['seconds']:.0f} | {r['fine_equiv']:.2f} |{hits}")
     metrics = {}
@@ -103,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         for t in args.targets:
             if r[f"to_{t:g}"]:
                 metrics[f"{key}.seconds_to_{t:g}"] = r[f"to_{t:g}"]["seconds"]
-    publish(args.out, f"multiscale_training_{args.transfer}", "\n".join(md),
+    stem = f"multiscale_training_{args.transfer if args.stencil == 'free' else args.stencil}"
+    publish(args.out, stem, "\n".join(md),
             {"args": vars(args), "rows": rows}, vars(args), metrics)
 
 

@@ -20,6 +20,7 @@ FULL = [
     ["transfer_methods.py", "--seeds", "0", "1", "2", "--jobs", "3", "--threads", "1"],
     ["cross_resolution.py", "--seeds", "0", "1", "2", "--epochs", "3", "--sigma", "0"],
     ["resnet_imagenette.py"],
+    ["consistent_stencils.py", "--seeds", "0", "1", "2"],
     ["optimizers.py", "--budget", "480", "--depth-levels", "2", "4", "8", "16"],
 ]
 QUICK = [
@@ -28,6 +29,8 @@ QUICK = [
     ["multiscale_training.py", "--epochs", "1", "1", "1"],
     ["transfer_methods.py", "--seeds", "0", "--epochs", "1", "--mr-epochs", "1", "--coarse", "14"],
     ["resnet_imagenette.py", "--fine", "16", "--coarse", "8", "--max-epochs", "1"],
+    ["consistent_stencils.py", "--train-count", "2000", "--epochs", "1", "--pairs", "14:28",
+     "--kinds", "free", "moment-blur"],
     ["optimizers.py", "--budget", "10", "--depth-levels", "2", "4", "--depth-iters", "1"],
 ]
 

@@ -58,10 +58,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> tuple
         cfg = config_from_dict(json.loads((path / "model.json").read_text()))
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path / 'model.json'}: {e}") from None
-    model = build_model(cfg)
-    state = torch.load(path / "model.pt", map_location=map_location, weights_only=True)
+    # the sizes model.json promises are checked against model.pt's tensors (memory-mapped, not
+    # read) on a network built on the meta device: a small file cannot make us allocate gigabytes
     try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path / 'model.pt'} does not match {path / 'model.json'}: {e}") from None
+        state = torch.load(path / "model.pt", map_location=map_location, weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError) as e:
+        raise ValueError(f"{path / 'model.pt'}: not a readable state dict ({e})") from None
+    with torch.device("meta"):
+        probe = build_model(cfg)
+    want = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()} if isinstance(state, dict) else {}
+    if want != have:
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))[:5]
+        raise ValueError(f"{path / 'model.pt'} does not match {path / 'model.json'}: tensors differ "
+                         + ", ".join(f"{k} {have.get(k)} (json: {want.get(k)})" for k in diff))
+    model = build_model(cfg)
+    model.load_state_dict(state)
     return model, json.loads((path / "lineage.json").read_text())

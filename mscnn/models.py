@@ -19,7 +19,7 @@ from torch import nn
 from mscnn.ode import ODENet, ODENetConfig
 from mscnn.resnet import ResNetConfig, build_resnet
 
-__all__ = ["ARCHS", "NetConfig", "build_model", "config_from_dict", "config_to_dict", "cost"]
+__all__ = ["ARCHS", "NetConfig", "build_model", "config_from_dict", "config_to_dict", "cost", "handover"]
 
 NetConfig = ODENetConfig | ResNetConfig
 ARCHS: dict[str, tuple[type, callable]] = {"odenet": (ODENetConfig, ODENet),
@@ -55,3 +55,46 @@ def cost(cfg: NetConfig) -> float:
     levels of one schedule: pixels times Euler steps (ODENet), pixels (ResNet)."""
     steps = sum(cfg.unit_steps) if isinstance(cfg, ODENetConfig) else 1
     return float(cfg.n**2 * steps)
+
+
+def _ode_handover(model: nn.Module, target: ODENetConfig, naive: bool = False, lam: float = 0.0,
+                  galerkin=("opening", "units")) -> tuple[nn.Module, list[str]]:
+    from mscnn.hierarchy import to_depth, to_resolution
+
+    done = []
+    if model.config.n != target.n:
+        model = to_resolution(model, target.n, naive=naive, lam=lam, galerkin=galerkin)
+        opts = [", naive"] if naive else []
+        opts += [f", lam={lam:g}"] if lam else []
+        opts += [f", galerkin={list(galerkin)}"] if set(galerkin) != {"opening", "units"} else []
+        done.append(f"to_resolution({target.n}{''.join(opts)})")
+    if model.config.unit_steps != target.unit_steps:
+        model = to_depth(model, target.unit_steps)
+        done.append(f"to_depth({target.unit_steps})")
+    return model, done
+
+
+def _resnet_handover(model: nn.Module, target: ResNetConfig, naive: bool = False, lam: float = 0.0,
+                     galerkin=None) -> tuple[nn.Module, list[str]]:
+    import math
+
+    from mscnn.resnet import resnet_to_resolution
+
+    if model.config.n == target.n:
+        return model, []
+    levels = round(math.log2(target.n / model.config.n))
+    if model.config.n * 2.0**levels != target.n:
+        raise ValueError(f"n: {target.n} is not {model.config.n} times a power of 2")
+    model = resnet_to_resolution(model, levels, naive=naive, pair=target.pair, lam=lam)
+    opts = (", naive" if naive else "") + (f", lam={lam:g}" if lam else "")
+    return model, [f"resnet_to_resolution({target.n}{opts})"]
+
+
+HANDOVERS = {"odenet": _ode_handover, "resnet34": _resnet_handover}
+
+
+def handover(model: nn.Module, target: NetConfig, **options) -> tuple[nn.Module, list[str]]:
+    """``model`` moved to the architecture ``target`` (resolution, depth), by the handover of its
+    arch; returns the moved network and the transfers done, as text for the lineage. ``options``:
+    ``naive``, ``lam``, ``galerkin`` (see ``mscnn.hierarchy.to_resolution``)."""
+    return HANDOVERS[arch_of(target)](model, target, **options)

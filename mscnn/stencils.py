@@ -11,8 +11,8 @@
   ``K = sum_{|a|<=2} theta_a sigma^|a| d^a G_sigma`` with ``sigma = scale`` fixed in physical units,
   discretised on each grid (a sampled, normalised Gaussian of ``sigma / h`` pixels, then central
   differences). A finer grid gets a wider support and the *same* band-limited operator, so a network
-  sees the same features at every resolution. Applied as a separable depthwise blur, one depthwise
-  3x3 conv to the six derivative fields, and a 1x1 mixing conv (no wide dense kernel).
+  sees the same features at every resolution. Applied as a separable blur (two products with a
+  banded matrix) and one dense 3x3 conv with the effective moment kernel: no wide kernel.
 
 * ``"moment-blur"``: ``"gaussian"`` in the opening layer (the input band-limited at ``sigma``, the
   cheap place: one channel in), ``"moment"`` in the Euler steps: consistent at the cost of free 3x3.
@@ -26,13 +26,13 @@ d_yy`` (``x`` along the last axis); their orders: ``ORDERS``.
 from __future__ import annotations
 
 import math
-from functools import cache
+from functools import cache, lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ORDERS", "STENCILS", "StencilConv", "derivative_stencils", "gaussian_taps", "layer_kind",
+__all__ = ["ORDERS", "STENCILS", "StencilConv", "blur", "derivative_stencils", "gaussian_taps", "layer_kind",
            "stencil_kind"]
 
 ORDERS = (0, 1, 1, 2, 2, 2)
@@ -101,33 +101,46 @@ class StencilConv(nn.Module):
         return stencil_conv(y, self.weight, self.bias, self.kind, self.scale)
 
 
-def _features(y: torch.Tensor, kind: str, scale: float) -> torch.Tensor:
-    """``(B, C, n, n) -> (B, 6C, n, n)``: the six scaled derivative fields of each channel (of the
-    Gaussian-blurred channel for ``"gaussian"``), channel-major (``[c0: 1, dx, ..., c1: ...]``)."""
-    C, n = y.shape[1], y.shape[-1]
-    h = 1.0 / n
-    if kind == "gaussian":
-        g = gaussian_taps(scale / h)
-        if len(g) > 3 or g[1] != 1:
-            r = (len(g) - 1) // 2
-            g = g.to(y.dtype).to(y.device)
-            y = F.conv2d(y, g.view(1, 1, 1, -1).expand(C, 1, 1, -1), padding=(0, r), groups=C)
-            y = F.conv2d(y, g.view(1, 1, -1, 1).expand(C, 1, -1, 1), padding=(r, 0), groups=C)
-    d = derivative_stencils(h, scale).to(y.dtype).to(y.device)
-    return F.conv2d(y, d.repeat(C, 1, 1).unsqueeze(1), padding=1, groups=C)
+@lru_cache(maxsize=64)
+def _blur_matrix(n: int, sigma_px: float) -> torch.Tensor | None:
+    """The ``n x n`` banded (symmetric) matrix of ``gaussian_taps(sigma_px)`` with zero padding,
+    float64; ``None`` where the taps are the identity."""
+    g = gaussian_taps(sigma_px)
+    r = (len(g) - 1) // 2
+    if r == 1 and g[1] == 1:
+        return None
+    i = torch.arange(n)
+    off = i.view(1, n) - i.view(n, 1) + r  # G[i, j] = g[j - i + r]
+    inside = (off >= 0) & (off < len(g))
+    return torch.where(inside, g[off.clamp(0, len(g) - 1)], torch.zeros((), dtype=torch.float64))
+
+
+def blur(y: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``G_sigma y`` for images ``(..., n, n)`` on the unit square (``sigma`` in image widths):
+    the separable sampled Gaussian of ``sigma * n`` pixels, zero padding, as two products with
+    a banded ``n x n`` matrix (BLAS; several times faster than a depthwise convolution)."""
+    n = y.shape[-1]
+    G = _blur_matrix(n, sigma * n)
+    if G is None:
+        return y
+    G = G.to(dtype=y.dtype, device=y.device)
+    return G @ y @ G
 
 
 def stencil_conv(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str,
                  scale: float) -> torch.Tensor:
     """The functional form of ``StencilConv`` (what ``EulerUnit`` calls with one time step's
-    weights)."""
+    weights). The consistent kinds build their effective 3x3 kernel ``sum_a theta_a D_a`` and run
+    one dense conv, on the Gaussian-blurred input for ``"gaussian"`` (``D_a G y = D_a (G y)``:
+    the derivatives of the blurred field), so they cost a free 3x3 conv plus, for ``"gaussian"``,
+    one separable blur."""
     if kind == "free":
         return F.conv2d(y, weight, bias, padding=1)
-    if kind == "moment":  # the effective 3x3 kernel, one dense conv: as cheap as "free"
-        d = derivative_stencils(1.0 / y.shape[-1], scale).to(weight.dtype).to(weight.device)
-        return F.conv2d(y, torch.einsum("oia,apq->oipq", weight, d), bias, padding=1)
-    out, c_in = weight.shape[:2]
-    return F.conv2d(_features(y, kind, scale), weight.reshape(out, c_in * 6, 1, 1), bias)
+    d = derivative_stencils(1.0 / y.shape[-1], scale).to(weight.dtype).to(weight.device)
+    kernel = torch.einsum("oia,apq->oipq", weight, d)
+    if kind == "gaussian":
+        y = blur(y, scale)
+    return F.conv2d(y, kernel, bias, padding=1)
 
 
 STENCILS = ("free", "moment", "gaussian", "moment-blur")

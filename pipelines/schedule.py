@@ -14,7 +14,6 @@ every level with a ``done.json`` and resumes at the first unfinished one.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -23,9 +22,7 @@ from pathlib import Path
 from torch import nn
 
 from mscnn.checkpoint import load_checkpoint, save_checkpoint
-from mscnn.hierarchy import to_depth, to_resolution
-from mscnn.models import cost
-from mscnn.resnet import ResNetConfig, resnet_to_resolution
+from mscnn.models import cost, handover
 from pipelines.config import ScheduleConfig
 from pipelines.pyramid import build_pyramid, level_for, read_manifest
 from pipelines.runtime import require_ray
@@ -48,27 +45,11 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _transfer(prev: nn.Module, cfg: ScheduleConfig, i: int) -> tuple[nn.Module, list[str]]:
-    lv, target = cfg.levels[i], cfg.model_config_for(i)
-    model, done = prev, []
-    if isinstance(target, ResNetConfig):
-        if model.config.n != target.n:
-            levels = round(math.log2(target.n / model.config.n))
-            if model.config.n * 2.0**levels != target.n:
-                raise ValueError(f"levels.{i}.n: {target.n} is not {model.config.n} times a power of 2")
-            model = resnet_to_resolution(model, levels, naive=lv.naive, pair=target.pair, lam=lv.lam)
-            opts = (", naive" if lv.naive else "") + (f", lam={lv.lam:g}" if lv.lam else "")
-            done.append(f"resnet_to_resolution({target.n}{opts})")
-        return model, done
-    if model.config.n != target.n:
-        model = to_resolution(model, target.n, naive=lv.naive, lam=lv.lam, galerkin=lv.galerkin)
-        opts = [", naive"] if lv.naive else []
-        opts += [f", lam={lv.lam:g}"] if lv.lam else []
-        opts += [f", galerkin={lv.galerkin}"] if set(lv.galerkin) != {"opening", "units"} else []
-        done.append(f"to_resolution({target.n}{''.join(opts)})")
-    if model.config.unit_steps != target.unit_steps:
-        model = to_depth(model, target.unit_steps)
-        done.append(f"to_depth({target.unit_steps})")
-    return model, done
+    lv = cfg.levels[i]
+    try:
+        return handover(prev, cfg.model_config_for(i), naive=lv.naive, lam=lv.lam, galerkin=lv.galerkin)
+    except ValueError as e:
+        raise ValueError(f"levels.{i}.{e}") from None
 
 
 @dataclass

@@ -97,3 +97,17 @@ def test_incomplete_or_mismatched_checkpoint_errors(tmp_path):
     (p / "model.json").write_text(json.dumps(ODENet(channels=3, n=8).config.to_dict()))
     with pytest.raises(ValueError, match=r"model\.pt does not match .*model\.json"):
         load_checkpoint(p)
+
+
+def test_checkpoint_sizes_are_checked_before_allocating(tmp_path):
+    """A small model.pt with a model.json that promises a large network (W of 10x64x1000x1000
+    float32 = 2.6 GB) fails on the shape check, before anything of that size is allocated."""
+    import resource
+
+    p = save_checkpoint(tmp_path / "ck", ODENet(channels=2, n=8))
+    cfg = json.loads((p / "model.json").read_text())
+    (p / "model.json").write_text(json.dumps(cfg | {"channels": 64, "n": 1000}))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ValueError, match=r"model\.pt does not match .*: tensors differ .*classifier\.W"):
+        load_checkpoint(p)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1_000_000  # KiB: < 1 GB more
