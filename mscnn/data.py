@@ -37,6 +37,8 @@ __all__ = [
     "mnist_splits",
     "read_idx",
     "split_indices",
+    "stratified_limit",
+    "check_labels",
 ]
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -151,6 +153,28 @@ def coarsen(data: Split, levels: int, sigma: float, pair: str = "full-weighting"
     return Split(torch.cat(xs), data.y)
 
 
+def stratified_limit(labels: np.ndarray, limit: int) -> np.ndarray:
+    """Indices of at most ``limit`` items taken round-robin over the classes (in each class's own
+    order), sorted: a subset keeps the class balance instead of cutting in class order.
+
+    >>> stratified_limit(np.array([0, 0, 0, 1, 1, 2]), 4).tolist()
+    [0, 1, 3, 5]
+    """
+    labels = np.asarray(labels)
+    per = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    order = [p[k] for k in range(max((len(p) for p in per), default=0)) for p in per if k < len(p)]
+    return np.sort(np.asarray(order[:limit], dtype=np.int64))
+
+
+def check_labels(labels: np.ndarray, classes: int, where: str) -> None:
+    """``ValueError`` naming ``where`` unless every label is in ``0 .. classes - 1``."""
+    labels = np.asarray(labels)
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        bad = labels[(labels < 0) | (labels >= classes)]
+        raise ValueError(f"{where}: labels must be in 0..{classes - 1} ({classes} classes); "
+                         f"found {sorted(set(bad.tolist()))[:5]}")
+
+
 def split_indices(count: int, n_val: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(train, val)`` indices, each sorted: a seeded random ``n_val`` of ``count`` for validation.
     The pyramid (``pipelines.pyramid``) and ``mnist_splits`` both split with this.
@@ -212,16 +236,18 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
 
 def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:
     """Class-per-folder images (as torchvision's ``ImageFolder``): ``(classes, [(file, label)])``,
-    classes in sorted order. An empty class folder or a root without classes raises."""
+    classes in sorted order; hidden entries (``.ipynb_checkpoints/``, ``.DS_Store``) are skipped.
+    An empty class folder or a root without classes raises."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ValueError(f"{root}: no class sub-folders")
     items = []
     for label, c in enumerate(classes):
-        files = sorted(f for f in (root / c).iterdir() if f.suffix in IMAGE_SUFFIXES)
+        files = sorted(f for f in (root / c).iterdir()
+                       if f.suffix in IMAGE_SUFFIXES and not f.name.startswith("."))
         if not files:
             raise ValueError(f"{root / c}: empty class folder (no {'/'.join(IMAGE_SUFFIXES[:3])} files)")
         items += [(f, label) for f in files]

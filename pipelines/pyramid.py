@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mscnn import data as mdata
 from mscnn.transfer import gaussian_blur, get_pair, restrict_image
-from pipelines.runtime import require_ray
+from pipelines.runtime import exclusive, require_ray
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ __all__ = [
     "PyramidConfig",
     "SourceConfig",
     "build_pyramid",
+    "check_shards",
     "input_scale",
     "level_for",
     "level_tensors",
@@ -121,6 +122,7 @@ def _load_source(cfg: PyramidConfig) -> tuple[dict, dict, dict[str, tuple[np.nda
             x, y = mdata.read_idx(d / img_f), mdata.read_idx(d / lab_f)
             if len(x) != len(y):
                 raise ValueError(f"{d / img_f} has {len(x)} images but {d / lab_f} has {len(y)} labels")
+            mdata.check_labels(y, 10, str(d / lab_f))
             arrays[split] = (x[:, None], y.astype(np.int64))
         x, y = arrays["train"]
         n_val = cfg.n_val if cfg.n_val is not None else int(len(y) * cfg.val_fraction)
@@ -140,14 +142,16 @@ def _load_source(cfg: PyramidConfig) -> tuple[dict, dict, dict[str, tuple[np.nda
             if classes is not None and cls != classes:
                 raise ValueError(f"{folder}: classes {cls} differ from train/'s {classes}")
             classes = cls
-            items = items[: src.limit] if src.limit else items
+            if src.limit:
+                keep = mdata.stratified_limit(np.array([lab for _, lab in items]), src.limit)
+                items = [items[i] for i in keep]
             imgs = np.stack([mdata.read_image(f, src.size) for f, _ in items])
             checksums.update({str(f.relative_to(root)): _sha256(f) for f, _ in items})
             splits[split] = (imgs, np.array([lab for _, lab in items], np.int64))
-        if "val" not in splits:
+        if "val" not in splits:  # a validation split drawn from train/; test/ stays as it is
             x, y = splits["train"]
             tr, va = mdata.split_indices(len(y), int(len(y) * cfg.val_fraction), cfg.seed)
-            splits = {"train": (x[tr], y[tr]), "val": (x[va], y[va])}
+            splits |= {"train": (x[tr], y[tr]), "val": (x[va], y[va])}
         info = {"kind": "folder", "path": str(root), "classes": classes, "size": src.size}
     else:
         x, y = mdata.synthetic(src.count, src.size, cfg.seed, src.classes)
@@ -156,7 +160,8 @@ def _load_source(cfg: PyramidConfig) -> tuple[dict, dict, dict[str, tuple[np.nda
         splits = {"train": (x[tr], y[tr]), "val": (x[va], y[va])}
         info = {"kind": "synthetic", "classes": [str(i) for i in range(src.classes)]}
     if src.limit and src.kind != "folder":
-        splits = {k: (x[: src.limit], y[: src.limit]) for k, (x, y) in splits.items()}
+        splits = {k: (x[i], y[i]) for k, (x, y) in splits.items()
+                  for i in [mdata.stratified_limit(y, src.limit)]}
     n = next(iter(splits.values()))[0].shape[-1]
     if n % 2 ** (cfg.levels - 1):
         raise ValueError(
@@ -202,7 +207,17 @@ def _versions() -> dict:
 
 def build_pyramid(cfg: PyramidConfig, out: str | os.PathLike) -> tuple[Path, bool]:
     """Build the pyramid ``cfg`` under ``out/<name>`` with Ray Data. Returns ``(path, built)``;
-    ``built`` is False when the same pyramid was already there (nothing is done then)."""
+    ``built`` is False when the same pyramid was already there (nothing is done then). One build
+    per pyramid at a time (a lock beside it); temporary folders of a killed build are removed."""
+    target = Path(out) / cfg.name
+    info, checksums, splits = _load_source(cfg)
+    with exclusive(Path(out) / f".{cfg.name}.lock", f"building pyramid {cfg.name} in {out}"):
+        for stale in Path(out).glob(f".{cfg.name}.tmp-*"):  # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        return _build(cfg, target, info, checksums, splits)
+
+
+def _build(cfg: PyramidConfig, target: Path, info: dict, checksums: dict, splits: dict) -> tuple[Path, bool]:
     import ray
     from ray.data.datasource import FilenameProvider
 
@@ -210,8 +225,6 @@ def build_pyramid(cfg: PyramidConfig, out: str | os.PathLike) -> tuple[Path, boo
         def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
             return f"part-{task_index:05d}.parquet"
 
-    target = Path(out) / cfg.name
-    info, checksums, splits = _load_source(cfg)
     chash = cfg.config_hash(checksums)
     if target.exists():
         try:
@@ -219,6 +232,7 @@ def build_pyramid(cfg: PyramidConfig, out: str | os.PathLike) -> tuple[Path, boo
         except (FileNotFoundError, json.JSONDecodeError):
             old = None
         if old == chash:
+            check_shards(target)
             log.info("pyramid %s is up to date (config hash %s): nothing to do", target, chash)
             return target, False
         raise FileExistsError(
@@ -250,6 +264,7 @@ def build_pyramid(cfg: PyramidConfig, out: str | os.PathLike) -> tuple[Path, boo
             "normalisation": mdata.channel_stats(splits["train"][0]), "sigma": cfg.sigma, "pair": cfg.pair,
             "versions": _versions(), "build_seconds": time.perf_counter() - t0,
         }
+        manifest["shards"] = _shards(tmp)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         tmp.rename(target)
     finally:
@@ -261,13 +276,55 @@ def build_pyramid(cfg: PyramidConfig, out: str | os.PathLike) -> tuple[Path, boo
 # ---------------------------------------------------------------- read
 
 
+def _shards(root: Path) -> dict[str, int]:
+    """``{relative path: size in bytes}`` of every shard of a pyramid folder."""
+    files = sorted(root.glob("level=*/split=*/*.parquet"))
+    return {str(f.relative_to(root)): f.stat().st_size for f in files}
+
+
+def check_shards(root: str | os.PathLike, manifest: dict | None = None) -> None:
+    """``ValueError`` naming the first shard that the manifest lists and that is missing or has
+    another size (a deleted or truncated file), or that is there without being listed."""
+    root = Path(root)
+    m = manifest or read_manifest(root)
+    want = m.get("shards")
+    if want is None:  # a pyramid from before shard lists: row counts are still checked on read
+        return
+    have = _shards(root)
+    for rel, size in want.items():
+        if rel not in have:
+            raise ValueError(f"pyramid {root} is damaged: shard {root / rel} is missing "
+                             "(remove the folder to rebuild it)")
+        if have[rel] != size:
+            raise ValueError(f"pyramid {root} is damaged: shard {root / rel} has {have[rel]} bytes, "
+                             f"the manifest says {size} (remove the folder to rebuild it)")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise ValueError(f"pyramid {root}: shard {root / extra[0]} is not in its manifest")
+
+
 def _level_dir(root: str | os.PathLike, level: int, split: str) -> Path:
+    """The folder of one level and split, after checking its shards against the manifest: the
+    listed files and sizes, and the row count in their Parquet footers."""
+    import pyarrow.parquet as pq
+
     m = read_manifest(root)
     if not 0 <= level < len(m["levels"]):
         raise ValueError(f"{root}: level {level} out of range (pyramid has {len(m['levels'])})")
     d = Path(root) / f"level={level}" / f"split={split}"
     if not d.is_dir():
         raise ValueError(f"{root}: no split {split!r} (has {sorted(m['counts'])})")
+    check_shards(root, m)
+    rows = 0
+    for f in sorted(d.glob("*.parquet")):
+        try:
+            rows += pq.ParquetFile(f).metadata.num_rows
+        except (OSError, pa.ArrowException) as e:
+            raise ValueError(f"{f}: not a readable Parquet shard ({e})") from None
+    want = m["counts"][split]["total"]
+    if rows != want:
+        raise ValueError(f"{d}: {rows} rows in its shards, the manifest says {want} "
+                         "(a shard is missing or damaged; remove the pyramid to rebuild it)")
     return d
 
 

@@ -6,10 +6,16 @@ Ray themselves; they call ``require_ray`` and fail with a clear message when the
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
-__all__ = ["init_ray", "require_ray"]
+__all__ = ["exclusive", "init_ray", "require_ray"]
 
 
 def init_ray(address: str | None = None, quiet: bool = False, num_cpus: int | None = None) -> None:
@@ -38,3 +44,31 @@ def require_ray(what: str) -> None:
     if not ray.is_initialized():
         raise RuntimeError(f"{what} needs Ray: start it first with pipelines.runtime.init_ray() "
                            "(the mscnn CLI does) or ray.init(...)")
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``lock`` for the block; if another process (or
+    another open in this one) holds it, ``RuntimeError`` naming ``what`` and the holder (pid, host,
+    start time, written into the file). The kernel drops the lock when its holder dies, so a killed
+    run never leaves a stale lock."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    f = open(lock, "a+")  # noqa: SIM115 (held for the whole block)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RuntimeError(f"{what} is already running ({holder}); lock file {lock}") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()

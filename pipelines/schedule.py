@@ -25,7 +25,7 @@ from mscnn.checkpoint import load_checkpoint, save_checkpoint
 from mscnn.models import cost, handover
 from pipelines.config import ScheduleConfig
 from pipelines.pyramid import build_pyramid, level_for, read_manifest
-from pipelines.runtime import require_ray
+from pipelines.runtime import exclusive, require_ray
 from pipelines.stage import StageSpec, run_stage
 from pipelines.tracking import Tracker
 
@@ -166,7 +166,12 @@ def run_schedule(cfg: ScheduleConfig, log: Callable[[str], None] = print,
     require_ray("run_schedule")
     chash = cfg.config_hash()
     run_dir = Path(cfg.storage_path).resolve() / f"{cfg.name}-{chash}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(run_dir / ".lock", f"schedule {cfg.name} ({run_dir})"):
+        return _run_schedule(cfg, run_dir, chash, log, extra, tags, train_callbacks)
+
+
+def _run_schedule(cfg: ScheduleConfig, run_dir: Path, chash: str, log, extra, tags,
+                  train_callbacks) -> dict:
     pyramid, built = build_pyramid(cfg.pyramid, Path(cfg.pyramid_root).resolve())
     log(f"pyramid {pyramid} ({'built' if built else 'up to date'})")
     manifest = read_manifest(pyramid)

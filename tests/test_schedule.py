@@ -14,6 +14,7 @@ from mscnn.train import accuracy
 from mscnn.transfer import prolong_stencil
 from pipelines.config import ConfigError, ScheduleConfig, load_config
 from pipelines.pyramid import input_scale, level_for, level_tensors, read_manifest
+from pipelines.runtime import exclusive
 from pipelines.schedule import run_schedule
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -142,6 +143,20 @@ def test_worker_failure_mid_stage_is_recovered_without_losing_epochs(local_ray, 
     stage = res["stages"][0]
     assert [h["epoch"] for h in stage["history"]] == [0, 1, 2, 3]
     assert stage["epochs_run"] == 4
+    # resumed, not retrained: epoch 0 ran once (one MLflow point), every epoch is there, and the
+    # optimiser went on from its checkpointed state: 4 epochs x 3 steps in all, counted by Adam
+    # itself (a restart from scratch, or without the optimiser's state, counts fewer). Epoch 1 may
+    # run twice: Ray Train V2 can lose a checkpoint reported just before a worker dies, and the
+    # MLflow point of that epoch, logged by rank 0 before the report, is then logged again.
+    client = MlflowClient(mlflow_uri)
+    stage_run = client.search_runs([client.get_experiment_by_name("test").experiment_id],
+                                   "tags.stage = 'L0-n16-N1'")[0]
+    steps = [m.step for m in client.get_metric_history(stage_run.info.run_id, "train_loss")]
+    assert steps.count(0) == 1 and set(steps) == {0, 1, 2, 3} and len(steps) <= 5
+    d = _run_dir(cfg) / f"{cfg.name}-{cfg.config_hash()}-L0-n16-N1"
+    last = sorted(p for p in d.glob("checkpoint_*") if p.is_dir())[-1]
+    adam = torch.load(last / "step.pt", weights_only=True)["optimizer"]["state"]
+    assert {int(v["step"]) for v in adam.values()} == {4 * 3}
 
 
 def test_bad_schedule_configs_name_the_field(tmp_path):
@@ -199,3 +214,23 @@ def test_bcd_optimizer_in_a_two_worker_ddp_stage(local_ray, tmp_path, mlflow_uri
     assert len(hist) == 2 and all(h["train_loss"] == h["train_loss"] for h in hist)  # not NaN
     assert hist[1]["train_loss"] < hist[0]["train_loss"]
     assert len(set(res["stages"][0]["nodes"])) == 1 and len(res["stages"][0]["nodes"]) == 2
+
+
+def test_a_second_run_of_the_same_schedule_is_refused(local_ray, tmp_path, mlflow_uri):
+    cfg = _cfg(tmp_path, [{"n": 8, "steps": 1, "epochs": 1}], name="lock")
+    with exclusive(_run_dir(cfg).resolve() / ".lock", "a first run"):
+        with pytest.raises(RuntimeError, match=r"schedule lock \(.*\) is already running \(pid \d+ on "):
+            run_schedule(cfg, log=lambda s: None)
+    assert not MlflowClient(mlflow_uri).search_experiments(filter_string="name = 'test'")  # nothing logged
+
+
+def test_a_failed_stage_ends_its_runs_failed(local_ray, tmp_path, mlflow_uri):
+    """Ray Train V2 raises on failure: the parent and stage runs end FAILED, not RUNNING."""
+    cfg = _cfg(tmp_path, [{"n": 8, "steps": 1, "epochs": 2}], name="fails", max_failures=0,
+               kind="single")
+    with pytest.raises(Exception, match=r"(?i)fail|died|exit"):
+        run_schedule(cfg, log=lambda s: None,
+                     extra={"fail_once": {"rank": 0, "step": 1, "marker": str(tmp_path / "marker")}})
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
