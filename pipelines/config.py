@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import typing
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -13,12 +15,12 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
 
-from mscnn.ode import ODENetConfig
-from mscnn.resnet import ResNetConfig
+from mscnn.models import ARCHS, NetConfig
 from pipelines.pyramid import PyramidConfig
 
 M = TypeVar("M", bound=BaseModel)
@@ -104,22 +106,21 @@ class OptimConfig(_Strict):
     damping: float = Field(1e-3, ge=0)  # bcd: Levenberg-Marquardt shift of the Gauss-Newton system
 
 
-class ModelConfig(_Strict):
-    """The network's fields that do not change between levels (n and steps do). ``arch: odenet``
-    is the paper's ODE network (``ODENetConfig``); ``arch: resnet34`` is its Sec. 4.3 ResNet-34
-    (``mscnn.resnet``: only ``in_channels``, ``classes`` and ``pair`` apply, and ``steps`` is
-    ignored)."""
+def _model_fields(config_cls: type, per_level: set[str]) -> dict:
+    """pydantic fields for a network config dataclass, less the fields a level sets (n, steps):
+    the one model description stays the dataclass (``mscnn.models.ARCHS``); a field added there
+    is a schedule field at once. Values are checked by the dataclass itself (``model_config_for``)."""
+    hints = typing.get_type_hints(config_cls)
+    return {f.name: (hints[f.name] | list[int] if "tuple" in str(hints[f.name]) else hints[f.name],
+                     f.default)
+            for f in dataclasses.fields(config_cls) if f.name not in per_level}
 
-    arch: Literal["odenet", "resnet34"] = "odenet"
-    in_channels: int = 1
-    channels: int | list[int] = 16
-    T: float = 2.0
-    classes: int = 10
-    activation: str = "tanh"
-    pair: str = "full-weighting"
-    classifier: Literal["quadrature", "pool"] = "quadrature"
-    stencil: Literal["free", "moment", "gaussian", "moment-blur"] = "free"  # mscnn.stencils.STENCILS
-    stencil_scale: float = Field(0.05, gt=0)  # consistent stencils: physical length (image widths)
+
+# one pydantic model per architecture, generated from its config dataclass, discriminated on arch
+_MODELS = {arch: create_model(f"{kind.__name__}Fields", __base__=_Strict,
+                              arch=(Literal[arch], arch), **_model_fields(kind, {"n", "steps"}))
+           for arch, (kind, _) in ARCHS.items()}
+ModelConfig = Annotated[typing.Union[tuple(_MODELS.values())], Field(discriminator="arch")]  # noqa: UP007
 
 
 class LevelConfig(_Strict):
@@ -152,7 +153,7 @@ class ScheduleConfig(_Strict):
     kind: Literal["single", "multiscale", "depth"]
     pyramid: PyramidConfig
     pyramid_root: str = "outputs/pyramids"
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = _MODELS["odenet"]()
     levels: list[LevelConfig] = Field(min_length=1)
     scaling: ScalingModel = ScalingModel()
     max_failures: int = Field(1, ge=-1)
@@ -161,6 +162,11 @@ class ScheduleConfig(_Strict):
     experiment: str = "mscnn"
     seed: int = 0
     random_init: bool = False  # every level from random weights (the comparison for transfers)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _default_arch(cls, v):
+        return {"arch": "odenet", **v} if isinstance(v, dict) and "arch" not in v else v
 
     @field_validator("pyramid", mode="before")
     @classmethod
@@ -183,7 +189,7 @@ class ScheduleConfig(_Strict):
                 self.model_config_for(i)
             except ValueError as e:
                 raise ValueError(f"levels.{i}: {e}") from None
-            if self.model.arch == "resnet34":
+            if self.model.arch != "odenet":
                 if lv.optim.name == "bcd":
                     raise ValueError(f"levels.{i}.optim.name: bcd trains the ODE network "
                                      "(model.arch: odenet), not resnet34")
@@ -192,16 +198,13 @@ class ScheduleConfig(_Strict):
                                      "a resnet34 moves all its 3x3 convolutions (or none: naive)")
         return self
 
-    def model_config_for(self, i: int) -> ODENetConfig | ResNetConfig:
-        lv = self.levels[i]
-        m = self.model.model_dump()
-        if m.pop("arch") == "resnet34":
-            if m["stencil"] != "free":
-                raise ValueError(f"model.stencil: {m['stencil']!r} applies to the ODE network "
-                                 "(arch: odenet); resnet34's 3x3 convolutions are free")
-            return ResNetConfig(classes=m["classes"], in_channels=m["in_channels"], n=lv.n,
-                                pair=m["pair"])
-        return ODENetConfig(**m, n=lv.n, steps=lv.steps)
+    def model_config_for(self, i: int) -> NetConfig:
+        """The network config of level ``i``: the model's fields plus the level's ``n`` (and
+        ``steps`` where the architecture has steps), validated by the config dataclass."""
+        lv, m = self.levels[i], self.model.model_dump()
+        kind = ARCHS[m.pop("arch")][0]
+        per_level = {"n": lv.n} | ({"steps": lv.steps} if "steps" in kind.__dataclass_fields__ else {})
+        return kind(**m, **per_level)
 
     def config_hash(self) -> str:
         import hashlib
