@@ -115,16 +115,23 @@ def _blur_matrix(n: int, sigma_px: float) -> torch.Tensor | None:
     return torch.where(inside, g[off.clamp(0, len(g) - 1)], torch.zeros((), dtype=torch.float64))
 
 
+@lru_cache(maxsize=64)
+def _blur_on(n: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    G = _blur_matrix(n, sigma * n)
+    return None if G is None else G.to(dtype=dtype, device=device)
+
+
+@lru_cache(maxsize=64)
+def _differences_on(n: int, scale: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return derivative_stencils(1.0 / n, scale).to(dtype=dtype, device=device)
+
+
 def blur(y: torch.Tensor, sigma: float) -> torch.Tensor:
     """``G_sigma y`` for images ``(..., n, n)`` on the unit square (``sigma`` in image widths):
     the separable sampled Gaussian of ``sigma * n`` pixels, zero padding, as two products with
     a banded ``n x n`` matrix (BLAS; several times faster than a depthwise convolution)."""
-    n = y.shape[-1]
-    G = _blur_matrix(n, sigma * n)
-    if G is None:
-        return y
-    G = G.to(dtype=y.dtype, device=y.device)
-    return G @ y @ G
+    G = _blur_on(y.shape[-1], float(sigma), y.dtype, y.device)
+    return y if G is None else G @ y @ G
 
 
 def stencil_conv(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str,
@@ -136,7 +143,7 @@ def stencil_conv(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     one separable blur."""
     if kind == "free":
         return F.conv2d(y, weight, bias, padding=1)
-    d = derivative_stencils(1.0 / y.shape[-1], scale).to(weight.dtype).to(weight.device)
+    d = _differences_on(y.shape[-1], float(scale), weight.dtype, weight.device)
     kernel = torch.einsum("oia,apq->oipq", weight, d)
     if kind == "gaussian":
         y = blur(y, scale)

@@ -63,14 +63,16 @@ def evaluate_checkpoints(fine: str | os.PathLike, coarse: str | os.PathLike,
 def transfer_rows(fine: ODENet, coarse: ODENet, fine_eval: Split, coarse_eval: Split,
                   pair: str) -> list[dict]:
     """Native accuracy of both networks, and each moved to the other's resolution with Galerkin
-    stencils and naively (``pair`` for both stencils and ``W``). Rows ``{pair, direction, method,
-    accuracy}``."""
+    stencils and naively (``pair`` for both stencils and ``W``); networks with scale-consistent
+    stencils (``stencil`` other than ``free``) are re-discretised, one row ``consistent`` per
+    direction. Rows ``{pair, direction, method, accuracy}``."""
     rows = [
         dict(pair=pair, direction="fine", method="native", accuracy=accuracy(fine, fine_eval)),
         dict(pair=pair, direction="coarse", method="native", accuracy=accuracy(coarse, coarse_eval)),
     ]
-    for naive in (False, True):
-        method = "naive" if naive else "galerkin"
+    free = "free" in (fine.config.stencil, coarse.config.stencil)
+    for naive in (False, True) if free else (False,):
+        method = ("naive" if naive else "galerkin") if free else "consistent"
         up = to_resolution(coarse, fine.n, naive=naive, pair=pair)
         rows.append(dict(pair=pair, direction="coarse->fine", method=method,
                          accuracy=accuracy(up, fine_eval)))
