@@ -105,7 +105,7 @@ class TorchStep:
 def make_step(model: nn.Module, name: str = "adam", lr: float = 1e-3, cosine: bool = True,
               total_steps: int | None = None, forward: Callable | None = None,
               regularizer: Callable | None = None, reduce: Callable | None = None,
-              **options) -> Step:
+              mge: dict | None = None, **options) -> Step:
     """The step named ``name``: a ``torch.optim`` optimiser (``adam``, ``adamw``, ``sgd``; cosine
     annealing to 0 over ``total_steps`` when ``cosine``) or ``bcd`` (``mscnn.optim.BCD`` on the
     unwrapped ``model``, with ``alpha_time``, ``alpha_space``, ``newton_steps``, ``cg_iters``,
@@ -124,6 +124,10 @@ def make_step(model: nn.Module, name: str = "adam", lr: float = 1e-3, cosine: bo
         if not total_steps:
             raise ValueError("make_step: cosine annealing needs total_steps")
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total_steps)
+    if mge:
+        from mscnn.mge import MultilevelStep
+
+        return MultilevelStep(model, opt, mge["sizes"], mge["batch_sizes"], sched)
     return TorchStep(model, opt, sched, regularizer, forward)
 
 

@@ -123,6 +123,16 @@ _MODELS = {arch: create_model(f"{kind.__name__}Fields", __base__=_Strict,
 ModelConfig = Annotated[typing.Union[tuple(_MODELS.values())], Field(discriminator="arch")]  # noqa: UP007
 
 
+class EstimatorConfig(_Strict):
+    """How a level estimates its gradient: ``mge`` is multilevel gradient estimation
+    (``mscnn.mge.MultilevelStep``) over ``levels`` grids ending at the level's ``n``, with
+    ``batch_sizes`` images per grid (coarsest first; they add up to ``optim.batch_size``)."""
+
+    name: Literal["mge"] = "mge"
+    levels: int = Field(2, ge=2)
+    batch_sizes: list[int] = Field(min_length=2)
+
+
 class LevelConfig(_Strict):
     """One stage: train at resolution ``n`` with ``steps`` Euler steps per unit. It starts from the
     previous level's best checkpoint moved by ``to_resolution`` (when ``n`` changes) and
@@ -137,6 +147,25 @@ class LevelConfig(_Strict):
     naive: bool = False  # to_resolution(naive=True): keep the stencils, move only W
     lam: float = Field(0.0, ge=0)  # regularised stencil prolongation (mscnn.transfer.prolong_stencil)
     galerkin: list[Literal["opening", "units"]] = ["opening", "units"]  # groups given Galerkin stencils
+    estimator: EstimatorConfig | None = None  # None: the plain gradient of each batch
+
+    @model_validator(mode="after")
+    def _check_estimator(self) -> LevelConfig:
+        e = self.estimator
+        if e is None:
+            return self
+        if len(e.batch_sizes) != e.levels or sum(e.batch_sizes) != self.optim.batch_size:
+            raise ValueError(f"estimator.batch_sizes: {e.batch_sizes} needs {e.levels} entries adding "
+                             f"up to optim.batch_size={self.optim.batch_size}")
+        if self.n % 2 ** (e.levels - 1) or self.optim.name == "bcd":
+            raise ValueError(f"estimator: mge needs n={self.n} divisible by 2**{e.levels - 1} and a "
+                             "torch optimiser (not bcd)")
+        return self
+
+    def mge_sizes(self) -> list[int]:
+        """The grids of the multilevel estimator, coarsest first (empty without one)."""
+        e = self.estimator
+        return [self.n >> k for k in reversed(range(e.levels))] if e else []
 
 
 class ScalingModel(_Strict):

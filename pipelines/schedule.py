@@ -52,6 +52,15 @@ def _transfer(prev: nn.Module, cfg: ScheduleConfig, i: int) -> tuple[nn.Module, 
         raise ValueError(f"levels.{i}.{e}") from None
 
 
+def _mge_share(lv) -> float:
+    """The pixel cost of a multilevel-estimated batch as a share of the same batch at ``n``."""
+    if lv.estimator is None:
+        return 1.0
+    sizes, b = lv.mge_sizes(), lv.estimator.batch_sizes
+    pixels = b[0] * sizes[0] ** 2 + sum(b[i] * (sizes[i] ** 2 + sizes[i - 1] ** 2) for i in range(1, len(b)))
+    return pixels / (sum(b) * lv.n**2)
+
+
 @dataclass
 class LevelOutcome:
     """What one finished level leaves behind (``L<i>.done.json``), read by the next level."""
@@ -114,7 +123,8 @@ def run_level(run: _Run, i: int, prev: LevelOutcome | None, log: Callable[[str],
         tags={"kind": cfg.kind, "config_hash": chash, "stage": name, "level": str(i)},
         params={"n": lv.n, "steps": steps, "arch": cfg.model.arch, "epochs": lv.epochs,
                 "optim": lv.optim.model_dump(), "patience": lv.patience, "init": lv.init,
-                "transfers": lineage["transfers"], "pyramid_level": run.pyramid_levels[i]})
+                "transfers": lineage["transfers"], "pyramid_level": run.pyramid_levels[i],
+                "estimator": lv.estimator.model_dump() if lv.estimator else None})
     run.ids[name] = run_id
     run.save_ids()
     spec = StageSpec(
@@ -123,7 +133,8 @@ def run_level(run: _Run, i: int, prev: LevelOutcome | None, log: Callable[[str],
         lineage=lineage, epoch_offset=prev.global_epoch_end if prev else 0,
         wallclock_offset=prev.wallclock_end if prev else 0.0,
         compute_offset=prev.compute_end if prev else 0.0,
-        compute_per_epoch=cost(mcfg) / run.ref_cost, extra=run.extra)
+        compute_per_epoch=cost(mcfg) / run.ref_cost * _mge_share(lv), extra=run.extra,
+        mge={"sizes": lv.mge_sizes(), "batch_sizes": lv.estimator.batch_sizes} if lv.estimator else None)
     mlflow = {"uri": run.tracker.uri, "experiment": cfg.experiment, "run_id": run_id}
     try:  # Ray Train V2 raises on failure: the level's run ends FAILED (KILLED on Ctrl-C)
         result = run_stage(spec, str(run.pyramid), str(run.run_dir), cfg.scaling.model_dump(),

@@ -45,6 +45,7 @@ class StageSpec:
     input_scale: list[float] = field(default_factory=lambda: [1.0])  # 1 / std per channel
     train_count: int = 0  # images in the level's train split (all workers)
     mlflow: dict | None = None  # {"uri", "experiment", "run_id"}: rank 0 logs there
+    mge: dict | None = None  # {"sizes", "batch_sizes"}: multilevel gradient estimation
     extra: dict = field(default_factory=dict)  # e.g. the test-only fail_once switch
 
 
@@ -169,7 +170,10 @@ def train_func(config: dict) -> None:
     model, device = ray.train.torch.prepare_model(net), ray.train.torch.get_device()
     bs = spec.optim["batch_size"]
     steps = spec.epochs * -(-spec.train_count // (bs * max(world, 1)))
-    step = make_step(net, **spec.optim, total_steps=steps, forward=model, reduce=_mean_across_workers)
+    if spec.mge and world > 1:  # its forward bypasses DDP: the gradients would not be averaged
+        raise ValueError(f"stage {spec.name}: estimator mge runs with scaling.num_workers <= 1")
+    step = make_step(net, **spec.optim, total_steps=steps, forward=model, reduce=_mean_across_workers,
+                     mge=spec.mge)
     if step_state:
         step.load_state_dict(step_state)
     tracker = None

@@ -234,3 +234,19 @@ def test_a_failed_stage_ends_its_runs_failed(local_ray, tmp_path, mlflow_uri):
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
+
+
+def test_a_level_with_multilevel_gradient_estimation(local_ray, tmp_path, mlflow_uri):
+    """``estimator: {name: mge}`` runs as any level does, and its compute counts pixels: batches
+    of 24 images at 4x4 and 8 at 8x8 + 4x4 instead of 32 at 8x8."""
+    lv = {"n": 8, "steps": 1, "epochs": 2, "optim": {"batch_size": 32},
+          "estimator": {"name": "mge", "levels": 2, "batch_sizes": [24, 8]}}
+    cfg = _cfg(tmp_path, [lv], kind="single", name="mge", model={"channels": 4, "classes": 4,
+                                                                  "stencil": "gaussian"})
+    res = run_schedule(cfg, log=lambda s: None)
+    hist = res["stages"][0]["history"]
+    assert len(hist) == 2 and hist[1]["train_loss"] < hist[0]["train_loss"]
+    share = (24 * 16 + 8 * (64 + 16)) / (32 * 64)
+    assert res["fine_equiv_epochs"] == pytest.approx(2 * share)
+    with pytest.raises(ValueError, match=r"estimator\.batch_sizes: \[24, 4\] needs 2 entries adding up to"):
+        _cfg(tmp_path, [lv | {"estimator": {"name": "mge", "batch_sizes": [24, 4]}}])
