@@ -160,7 +160,10 @@ def main(argv: list[str] | None = None) -> None:
     sizes = sorted({int(v) for p in args.pairs for v in p.split(":")})
     speed = speed_alternating(args.kinds, sizes, args) if args.speed_repeats else ""
     if args.speed_only:
-        print(speed)
+        head = (f"Training images/s per stencil kind, alternating, {args.speed_repeats} rounds of 20 Adam "
+                f"steps (batch 128), {args.channels} channels, {args.steps} steps; {machine()}.")
+        publish(args.out, "consistent_stencils_speed", head + "\n\n" + speed, {"args": vars(args)},
+                vars(args), {})
         return
     d = mnist_splits(args.data_dir)
     data = {"train": Split(d["train"].x[: args.train_count], d["train"].y[: args.train_count]),

@@ -107,7 +107,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     console = Console()
     t0 = time.perf_counter()
-    names = ("mnist_single", "mnist_multiscale") if args.full else ("demo_single", "demo_multiscale")
+    names = (("mnist_single", "mnist_multiscale") if args.full else
+             ("demo_single", "demo_multiscale", "demo_multiscale_galerkin"))
     cfgs = [_load_schedule(CONFIGS / f"{n}.yaml", args.set, args.data_dir) for n in names]
     console.print(f"[bold]mscnn demo[/] ({'full protocol' if args.full else 'demo subset'}): "
                   f"{', '.join(c.name for c in cfgs)} on Ray Train; tracking in {tracking_uri()}")
@@ -116,7 +117,7 @@ def _demo(args: argparse.Namespace) -> int:
     for cfg in cfgs:
         console.rule(f"{cfg.name} ({cfg.kind})")
         results.append(run_schedule(cfg, log=console.print))
-    single, multi = results
+    single, multi = results[:2]
     pyramid = Path(cfgs[0].pyramid_root).resolve() / cfgs[0].pyramid.name
     console.rule("cross-resolution evaluation")
     rows = evaluate_checkpoints(single["checkpoint"], multi["stages"][0]["checkpoint"], pyramid,
