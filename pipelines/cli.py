@@ -57,8 +57,13 @@ def _train(args: argparse.Namespace) -> int:
     from pipelines.schedule import run_schedule
 
     cfg = _load_schedule(args.config, args.set, args.data_dir)
-    init_ray(args.address)
     console = Console()
+    if args.dry_run:  # the resolved, validated schedule; nothing runs
+        import yaml
+
+        console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        return 0
+    init_ray(args.address)
     result = run_schedule(cfg, log=console.print)
     console.print(_schedule_table([result]))
     return 0
@@ -165,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     train.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                        help="override fields, e.g. levels.0.epochs=1 scaling.num_workers=2")
+    train.add_argument("--dry-run", action="store_true",
+                       help="print the resolved schedule (config file + --set + --data-dir) and exit")
     train.set_defaults(func=_train)
     ev = sub.add_parser("evaluate", help="cross-resolution table of a fine and a coarse checkpoint")
     ev.add_argument("--fine", required=True, help="checkpoint folder of the fine-trained network")

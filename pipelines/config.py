@@ -213,11 +213,15 @@ class ScheduleConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_levels(self) -> ScheduleConfig:
-        for i, lv in enumerate(self.levels):
+        sizes = [self.pyramid.source.size >> k for k in range(self.pyramid.levels)]
+        for i, lv in enumerate(self.levels):  # checked here, before Ray starts
             try:
                 self.model_config_for(i)
             except ValueError as e:
                 raise ValueError(f"levels.{i}: {e}") from None
+            if lv.n not in sizes:
+                raise ValueError(f"levels.{i}.n: n={lv.n} is not a level of pyramid "
+                                 f"{self.pyramid.name} (has n in {sizes})")
             if self.model.arch != "odenet":
                 if lv.optim.name == "bcd":
                     raise ValueError(f"levels.{i}.optim.name: bcd trains the ODE network "
