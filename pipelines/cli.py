@@ -96,7 +96,7 @@ def _report(args: argparse.Namespace) -> int:
     from pipelines.report import make_report
 
     flt = args.filter or (f"tags.sweep_id = '{args.sweep}'" if args.sweep else "")
-    rep = make_report(args.experiment, args.out, args.target, flt)
+    rep = make_report(args.experiment, args.out, args.target, flt, unfinished=args.unfinished)
     console = Console()
     console.print(rep["table"])
     console.print("plots: " + ", ".join(rep["plots"]))
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--filter", help="any MLflow filter string, e.g. \"tags.kind = 'depth'\"")
     rp.add_argument("--target", type=float, default=0.9, help="accuracy for compute-to-target")
     rp.add_argument("--out", default="outputs/report")
+    rp.add_argument("--unfinished", action="store_true", help="include FAILED/KILLED/RUNNING schedules")
     rp.set_defaults(func=_report)
     pyr = sub.add_parser("pyramid", help="build an image pyramid (Parquet shards) with Ray Data")
     pyr.add_argument("--config", required=True, help="YAML file, e.g. configs/pyramid_mnist.yaml")

@@ -55,11 +55,15 @@ class RunCurve:
 
 
 def collect_runs(experiment: str, tracker: Tracker | None = None,
-                 filter_string: str = "") -> list[RunCurve]:
+                 filter_string: str = "", unfinished: bool = False) -> list[RunCurve]:
     """Parent runs of schedules in ``experiment`` (optionally narrowed by an MLflow filter, e.g.
-    ``tags.sweep_id = 'x'``), each with its per-epoch curve from the stage runs."""
+    ``tags.sweep_id = 'x'``), each with its per-epoch curve from the stage runs. Only FINISHED
+    runs unless ``unfinished`` (a failed or killed schedule is no result)."""
     tr = tracker or Tracker(experiment)
     c = tr.client
+    if not unfinished:
+        done = "attributes.status = 'FINISHED'"
+        filter_string = f"{filter_string} and {done}" if filter_string else done
     runs = c.search_runs([tr.experiment_id], filter_string, max_results=5000,
                          order_by=["attributes.start_time ASC"])
     out = []
@@ -206,10 +210,11 @@ def fig1_kernels(path: Path, image: torch.Tensor | None = None) -> Path:
 
 
 def make_report(experiment: str = "mscnn", out: str = "outputs/report", target: float = 0.9,
-                filter_string: str = "", log_to_mlflow: bool = True) -> dict:
-    """Build the table and plots from MLflow runs; returns ``{"rows", "table", "plots"}``."""
+                filter_string: str = "", log_to_mlflow: bool = True, unfinished: bool = False) -> dict:
+    """Build the table and plots from MLflow runs (FINISHED ones unless ``unfinished``); returns
+    ``{"rows", "table", "plots"}``."""
     tracker = Tracker(experiment)
-    curves = collect_runs(experiment, tracker, filter_string)
+    curves = collect_runs(experiment, tracker, filter_string, unfinished)
     if not curves:
         raise ValueError(f"no schedule runs in MLflow experiment {experiment!r} at {tracker.uri}"
                          + (f" matching {filter_string!r}" if filter_string else ""))

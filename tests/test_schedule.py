@@ -235,6 +235,10 @@ def test_a_failed_stage_ends_its_runs_failed(local_ray, tmp_path, mlflow_uri):
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
+    # and a report leaves a failed schedule out unless asked
+    from pipelines.report import collect_runs
+
+    assert collect_runs("test") == [] and len(collect_runs("test", unfinished=True)) == 1
 
 
 def test_a_level_with_multilevel_gradient_estimation(local_ray, tmp_path, mlflow_uri):
