@@ -200,12 +200,25 @@ def main(argv: list[str] | None = None) -> int:
     pyr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     pyr.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config fields")
     pyr.set_defaults(func=_pyramid)
+    ap.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
     try:
         return args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        if args.traceback:
+            raise
         Console(stderr=True).print(f"[red]error:[/] {e}")
         return 2
+    except KeyboardInterrupt:
+        Console(stderr=True).print("[red]interrupted[/] (runs in progress are marked KILLED in MLflow)")
+        return 130
+    except Exception as e:  # one clear line; the traceback with --traceback
+        if args.traceback:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        Console(stderr=True).print(f"[red]error:[/] {type(e).__name__}: {first} "
+                                   "(mscnn --traceback ... shows the traceback)")
+        return 1
 
 
 if __name__ == "__main__":
