@@ -1,6 +1,7 @@
 """Schedules on a real local Ray: Ray Train stages, handover, resume, fault tolerance, MLflow."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -51,14 +52,30 @@ def _val_accuracy(cfg, model) -> float:
     return accuracy(model, Split(val.x * scale, val.y))
 
 
-def test_two_level_schedule_hands_over_prolonged_weights_and_resumes(local_ray, tmp_path, mlflow_uri):
-    cfg = _cfg(tmp_path, [{"n": 8, "steps": 1, "epochs": 2},
-                          {"n": 16, "steps": 1, "epochs": 1, "lam": 0.5, "galerkin": ["units"]}])
-    res = run_schedule(cfg, log=lambda s: None)
-    d = _run_dir(cfg)
+@pytest.fixture(scope="module")
+def two_level(local_ray, tmp_path_factory):
+    """One two-level schedule (8 -> 16, Galerkin on the units, lam 0.5), run once for the tests
+    below, each of which checks one property of it."""
+    tmp = tmp_path_factory.mktemp("two_level")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        cfg = _cfg(tmp, [{"n": 8, "steps": 1, "epochs": 2},
+                         {"n": 16, "steps": 1, "epochs": 1, "lam": 0.5, "galerkin": ["units"]}])
+        res = run_schedule(cfg, log=lambda s: None)
+        yield SimpleNamespace(cfg=cfg, res=res, d=_run_dir(cfg), uri=uri,
+                              client=MlflowClient(uri))
+
+
+def test_every_epoch_runs_once_on_one_axis_and_compute_counts_pixels(two_level):
+    res = two_level.res
     assert [s["epochs_run"] for s in res["stages"]] == [2, 1]
     assert [h["global_epoch"] for s in res["stages"] for h in s["history"]] == [0, 1, 2]
-    # the second stage started from the Galerkin-prolonged best checkpoint of the first
+    assert res["fine_equiv_epochs"] == pytest.approx(2 * 0.25 + 1)  # 2 epochs at (8/16)^2, 1 at 16
+
+
+def test_the_fine_level_starts_from_the_prolonged_best_checkpoint(two_level):
+    cfg, res, d = two_level.cfg, two_level.res, two_level.d
     coarse, _ = load_checkpoint(d / "L0-n8-N1.best")
     init, lineage = load_checkpoint(d / "L1-n16-N1.init")
     want = to_resolution(coarse, 16, lam=0.5, galerkin=["units"])
@@ -70,12 +87,12 @@ def test_two_level_schedule_hands_over_prolonged_weights_and_resumes(local_ray, 
     fine, _ = load_checkpoint(res["checkpoint"])
     assert fine.n == 16
     assert not torch.equal(fine.units[0].K, init.units[0].K)  # and it trained from there
+    # the recorded start of the fine stage is the handed-over network's own val accuracy
     assert res["stages"][1]["init"]["init_val_accuracy"] == pytest.approx(_val_accuracy(cfg, init), abs=1e-9)
-    # fine-grid-equivalent compute: 2 epochs at (8/16)^2, then 1 at full cost
-    assert res["fine_equiv_epochs"] == pytest.approx(2 * 0.25 + 1)
 
-    # MLflow: one parent (tags), two nested stage runs with per-epoch metrics, artifacts
-    client = MlflowClient(mlflow_uri)
+
+def test_mlflow_holds_the_parent_the_stage_runs_their_curves_and_artifacts(two_level):
+    cfg, res, client = two_level.cfg, two_level.res, two_level.client
     exp = client.get_experiment_by_name("test")
     parent = client.get_run(res["mlflow_parent_run_id"])
     assert parent.data.tags["kind"] == "multiscale" and parent.data.tags["config_hash"] == cfg.config_hash()
@@ -91,28 +108,36 @@ def test_two_level_schedule_hands_over_prolonged_weights_and_resumes(local_ray, 
     assert {"results.json", "final_checkpoint", "config.json"} <= arts
     assert {a.path for a in client.list_artifacts(kids[1].info.run_id, "checkpoint")} == {
         "checkpoint/model.json", "checkpoint/model.pt", "checkpoint/lineage.json"}
+    assert {r.info.status for r in [parent, *kids]} == {"FINISHED"}
 
-    # cross-resolution evaluation of the two stages' checkpoints, logged to MLflow
+
+def test_cross_resolution_evaluation_of_the_two_stages(two_level):
     from pipelines.evaluate import evaluate_checkpoints
 
-    rows = evaluate_checkpoints(d / "L1-n16-N1.best", d / "L0-n8-N1.best",
-                                Path(cfg.pyramid_root) / "syn", experiment="test")
+    cfg, res, d, client = two_level.cfg, two_level.res, two_level.d, two_level.client
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", two_level.uri)
+        rows = evaluate_checkpoints(d / "L1-n16-N1.best", d / "L0-n8-N1.best",
+                                    Path(cfg.pyramid_root) / "syn", experiment="test")
     got = {(r["direction"], r["method"]): r["accuracy"] for r in rows}
     assert set(got) == {("fine", "native"), ("coarse", "native"), ("coarse->fine", "galerkin"),
                         ("coarse->fine", "naive"), ("fine->coarse", "galerkin"),
                         ("fine->coarse", "naive")}
     assert got[("coarse", "native")] == pytest.approx(res["stages"][0]["best_val_accuracy"])
-    ev = client.search_runs([exp.experiment_id], "tags.kind = 'evaluate'")
+    ev = client.search_runs([client.get_experiment_by_name("test").experiment_id], "tags.kind = 'evaluate'")
     assert len(ev) == 1 and "full-weighting/coarse_to_fine/galerkin" in ev[0].data.metrics
 
-    # rerun: everything finished, nothing recomputed
-    stamp = (d / "L0-n8-N1.done.json").stat().st_mtime_ns
-    again = run_schedule(cfg, log=lambda s: None)
-    assert again["final_val_accuracy"] == res["final_val_accuracy"]
-    # a schedule whose first level finished resumes at the second
-    (d / "L1-n16-N1.done.json").unlink()
-    logs = []
-    run_schedule(cfg, log=logs.append)
+
+def test_a_rerun_skips_finished_levels_and_resumes_at_the_first_unfinished(two_level):
+    cfg, res, d = two_level.cfg, two_level.res, two_level.d
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", two_level.uri)
+        stamp = (d / "L0-n8-N1.done.json").stat().st_mtime_ns
+        again = run_schedule(cfg, log=lambda s: None)  # everything finished: nothing recomputed
+        assert again["final_val_accuracy"] == res["final_val_accuracy"]
+        (d / "L1-n16-N1.done.json").unlink()
+        logs = []
+        run_schedule(cfg, log=logs.append)
     assert (d / "L0-n8-N1.done.json").stat().st_mtime_ns == stamp
     assert any("L0-n8-N1: finished before, skipped" in s for s in logs)
     assert any(s.startswith("[2/2] L1-n16-N1: 1 epoch(s)") for s in logs)

@@ -1,6 +1,7 @@
 """A tiny Tune sweep on a real local Ray, then `mscnn report` from its MLflow runs."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -35,32 +36,55 @@ def _sweep_from_files(tmp_path, space):
     return load_sweep(Path("configs") / "sweep.yaml")
 
 
+@pytest.fixture(scope="module")
+def tiny(local_ray, tmp_path_factory):
+    """A two-trial sweep from YAML files with relative paths, run once for the tests below; the
+    working directory and the tracking URI stay set while each test runs (``env``)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+
+    def env():
+        mp = pytest.MonkeyPatch()
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(tmp)  # relative paths in the files, as in configs/sweep_*.yaml
+        return mp
+
+    mp = env()
+    try:
+        sweep = _sweep_from_files(tmp, {"levels.0.optim.lr": {"grid": [0.01, 0.003]},
+                                        "model.pair": {"choice": ["average"]}})
+        res = run_sweep(sweep, log=lambda s: None)
+    finally:
+        mp.undo()
+    client = MlflowClient(uri)
+    yield SimpleNamespace(tmp=tmp, uri=uri, sweep=sweep, res=res, env=env, client=client,
+                          exp=client.get_experiment_by_name("sw"))
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_tiny_sweep_then_report_from_mlflow(local_ray, tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)  # relative paths in the files, as in configs/sweep_*.yaml
-    sweep = _sweep_from_files(tmp_path, {"levels.0.optim.lr": {"grid": [0.01, 0.003]},
-                                         "model.pair": {"choice": ["average"]}})
-    res = run_sweep(sweep, log=lambda s: None)
-    # trials run in their own directories, yet share the one pyramid under ./pyr
-    assert [p.name for p in (tmp_path / "pyr").iterdir()] == ["syn"]
-    # the same sweep again continues with Tuner.restore: finished trials are not rerun
-    logs = []
-    again = run_sweep(sweep, log=logs.append)
-    assert any("continuing sweep" in s for s in logs)
-    assert sorted(t["mlflow_run_id"] for t in again["trials"]) == sorted(
-        t["mlflow_run_id"] for t in res["trials"])
-    assert len(res["trials"]) == 2 and all(t["error"] is None for t in res["trials"])
-    assert sorted(t["space.levels.0.optim.lr"] for t in res["trials"]) == [0.003, 0.01]
-    # the best configuration is a ready-to-run schedule
-    best = load_config(res["best_config"], ScheduleConfig)
-    assert best.levels[0].optim.lr == res["best"]["space.levels.0.optim.lr"]
+def test_trials_run_in_their_own_folders_yet_share_one_pyramid(tiny):
+    assert [p.name for p in (tiny.tmp / "pyr").iterdir()] == ["syn"]
+    assert len(tiny.res["trials"]) == 2 and all(t["error"] is None for t in tiny.res["trials"])
+    assert sorted(t["space.levels.0.optim.lr"] for t in tiny.res["trials"]) == [0.003, 0.01]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_best_configuration_is_a_ready_to_run_schedule(tiny):
+    mp = tiny.env()
+    try:
+        best = load_config(tiny.res["best_config"], ScheduleConfig)
+    finally:
+        mp.undo()
+    assert best.levels[0].optim.lr == tiny.res["best"]["space.levels.0.optim.lr"]
     assert best.model.pair == "average"
-    # one MLflow parent run per trial, tagged with the sweep id, with its stage as a child
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("sw")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_each_trial_is_an_mlflow_parent_run_tagged_with_the_sweep(tiny):
+    client, exp, res = tiny.client, tiny.exp, tiny.res
     parents = client.search_runs([exp.experiment_id], "tags.sweep_id = 'tiny' and tags.kind = 'single'")
     assert len(parents) == 2
     assert {p.info.run_id for p in parents} == {t["mlflow_run_id"] for t in res["trials"]}
@@ -70,16 +94,40 @@ def test_tiny_sweep_then_report_from_mlflow(local_ray, tmp_path, monkeypatch):
     sweep_run = client.get_run(res["mlflow_run_id"])
     assert sweep_run.data.tags["kind"] == "sweep" and sweep_run.data.metrics["finished"] == 2
 
-    # the report reads those runs back from MLflow
-    rep = make_report("sw", str(tmp_path / "report"), target=0.0, filter_string="tags.sweep_id = 'tiny'")
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_report_reads_the_trials_back_from_mlflow(tiny):
+    mp = tiny.env()
+    try:
+        rep = make_report("sw", str(tiny.tmp / "report"), target=0.0,
+                          filter_string="tags.sweep_id = 'tiny'")
+    finally:
+        mp.undo()
+    parents = tiny.client.search_runs([tiny.exp.experiment_id],
+                                      "tags.sweep_id = 'tiny' and tags.kind = 'single'")
     assert len(rep["rows"]) == 2
     assert {r["run"] for r in rep["rows"]} == {p.info.run_name for p in parents}
     assert all(r["compute_to_target"] == pytest.approx(1.0) for r in rep["rows"])
     for p in rep["plots"]:
         assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    reports = client.search_runs([exp.experiment_id], "tags.kind = 'report'")
-    arts = {a.path for a in client.list_artifacts(reports[0].info.run_id)}
+    reports = tiny.client.search_runs([tiny.exp.experiment_id], "tags.kind = 'report'")
+    arts = {a.path for a in tiny.client.list_artifacts(reports[0].info.run_id)}
     assert {"comparison.md", "val_acc_vs_compute.png", "fig1_kernels.png"} <= arts
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_same_sweep_again_continues_without_rerunning_trials(tiny):
+    mp = tiny.env()
+    try:
+        logs = []
+        again = run_sweep(tiny.sweep, log=logs.append)
+    finally:
+        mp.undo()
+    assert any("continuing sweep" in s for s in logs)
+    assert sorted(t["mlflow_run_id"] for t in again["trials"]) == sorted(
+        t["mlflow_run_id"] for t in tiny.res["trials"])
 
 
 def test_invalid_search_space_names_the_key(tmp_path):
