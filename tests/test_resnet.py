@@ -25,6 +25,7 @@ def test_resnet34_has_a_3x3_stem_and_global_pooling_into_the_classifier():
     assert sum(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in net.modules()) == 33
 
 
+@pytest.mark.slow  # the full ResNet-34 moved twice: the one ResNet test that takes seconds
 def test_resnet_to_resolution_moves_3x3_stencils_only():
     torch.manual_seed(0)
     net = resnet34()
