@@ -23,7 +23,6 @@ costs ``(n / fine)^2``), and the coarse network's accuracy on fine images before
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 from common import ROOT, machine, metrics_of, publish
 
-from mscnn.data import Split, load_image_folder
+from mscnn.data import Split, find_data_dir, load_image_folder
 from mscnn.recalibrate import recalibrate_batchnorm
 from mscnn.resnet import resnet34, resnet_to_resolution
 from mscnn.train import TorchStep, evaluate, fit, split_batches
@@ -39,16 +38,15 @@ from mscnn.transfer import gaussian_blur, restrict_image
 
 
 def find_data(arg: str | None) -> Path:
-    cands = [Path(arg)] if arg else []
-    if os.environ.get("MSCNN_DATA_DIR"):
-        cands.append(Path(os.environ["MSCNN_DATA_DIR"]) / "imagenet10")
-    cands += [p / "shared" / "data" / "imagenet10" for p in [ROOT, *ROOT.parents]]
-    for c in cands:
-        if (c / "train").is_dir() and (c / "val").is_dir():
-            return c
-    raise FileNotFoundError(
-        "Imagenette not found: give --data-dir DIR (with train/ and val/ class folders) or set "
-        f"MSCNN_DATA_DIR; looked in {[str(c) for c in cands]}")
+    """``--data-dir`` (only it), else ``MSCNN_DATA_DIR``, else ``shared/data`` beside the repository
+    (``mscnn.data.find_data_dir``); the folder itself or its ``imagenet10`` sub-folder."""
+    found, tried = find_data_dir("imagenet10", arg,
+                                 lambda c: (c / "train").is_dir() and (c / "val").is_dir())
+    if found is None:
+        raise FileNotFoundError(
+            "Imagenette not found: give --data-dir DIR (with train/ and val/ class folders) or set "
+            f"MSCNN_DATA_DIR; looked in {[str(c) for c in tried]}")
+    return found
 
 
 def _flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
