@@ -110,7 +110,7 @@ def test_crash_mid_build_leaves_no_pyramid(local_ray, tmp_path, monkeypatch):
     monkeypatch.setattr(pyr, "_versions", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         build_pyramid(_syn(name="crash", count=40), tmp_path)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".crash.lock"]  # no pyramid, no temporary folder
 
 
 def test_bad_inputs_fail_before_any_work(tmp_path):
