@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from mscnn.data import Split, coarsen
 from mscnn.multires import MultiResolutionForward
 from mscnn.ode import ODENet
+from mscnn.train import TorchStep
 
 __all__ = ["MultilevelStep", "mge_loss", "variance_ratio"]
 
@@ -77,35 +78,31 @@ class MultilevelStep:
                  sigma: float = 1.0) -> None:
         if sizes[-1] != model.n:
             raise ValueError(f"MultilevelStep: the finest size {sizes[-1]} must be model.n={model.n}")
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.model = model
         self.sizes, self.batch_sizes, self.sigma = list(sizes), list(batch_sizes), sigma
         self.forward = MultiResolutionForward(model, sizes, naive=naive, lam=lam)
         self.pixels = 0  # total cost so far
+        # the optimiser step itself is mscnn.train's one TorchStep, on the telescoping loss
+        self.step = TorchStep(model, optimizer, scheduler, objective=self._loss)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         sizes = self.batch_sizes
         if len(y) < sum(sizes):  # a short last batch: the same shares, at least one image each
             sizes = [max(1, b * len(y) // sum(sizes)) for b in sizes]
             sizes[0] = max(1, len(y) - sum(sizes[1:]))
-        loss, info = mge_loss(self.forward, x, y, self.sizes, sizes, self.sigma,
-                              self.model.config.pair)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
+        loss, info = mge_loss(self.forward, x, y, self.sizes, sizes, self.sigma, self.model.config.pair)
         self.pixels += info["pixels"]
-        return loss.detach()
+        return loss
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.step(x, y)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "pixels": self.pixels,
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None}
+        return self.step.state_dict() | {"pixels": self.pixels}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.step.load_state_dict(state)
         self.pixels = state.get("pixels", 0)
-        if self.scheduler is not None and state.get("scheduler"):
-            self.scheduler.load_state_dict(state["scheduler"])
 
 
 def _grad(model: ODENet, loss: torch.Tensor) -> torch.Tensor:

@@ -70,21 +70,24 @@ def _autocast(x: torch.Tensor, dtype: torch.dtype | None):
 
 
 class TorchStep:
-    """``loss = CE(forward(x), y)``; ``zero_grad``, ``backward`` of ``loss + regularizer(model)``,
-    ``optimizer.step()``, ``scheduler.step()``. ``forward`` defaults to ``model`` (pass a DDP
-    wrapper, or a multi-resolution forward). Returns the cross-entropy, detached (no host sync)."""
+    """``loss = CE(forward(x), y)`` (or ``objective(x, y)``); ``zero_grad``, ``backward`` of
+    ``loss + regularizer(model)``, ``optimizer.step()``, ``scheduler.step()``. ``forward`` defaults
+    to ``model`` (pass a DDP wrapper, or a multi-resolution forward). Returns the loss, detached
+    (no host sync)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                  regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
                  forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 autocast: torch.dtype | None = None) -> None:
+                 autocast: torch.dtype | None = None,
+                 objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.regularizer, self.forward, self.autocast = regularizer, forward or model, autocast
+        self.objective = objective or (lambda x, y: F.cross_entropy(self.forward(x), y))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with _autocast(x, self.autocast):
-            loss = F.cross_entropy(self.forward(x), y)
+            loss = self.objective(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         (loss + self.regularizer(self.model) if self.regularizer else loss).backward()
         self.optimizer.step()
