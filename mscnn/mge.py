@@ -22,21 +22,32 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mscnn.data import Split, coarsen
+from mscnn.data import Split
+from mscnn.hierarchy import levels_between
 from mscnn.multires import MultiResolutionForward
 from mscnn.ode import ODENet
 from mscnn.train import TorchStep
+from mscnn.transfer import gaussian_blur, restrict_image
 
-__all__ = ["MultilevelStep", "mge_loss", "variance_ratio"]
+__all__ = ["MultilevelStep", "mge_loss", "mge_pixels", "variance_ratio"]
 
 
-def _levels_down(x: torch.Tensor, sizes: list[int], sigma: float, pair: str) -> dict[int, torch.Tensor]:
-    """``x`` (at ``sizes[-1]``) at every size of ``sizes`` (finest last), made like the pyramid."""
-    out = {sizes[-1]: x}
-    for n in reversed(sizes[:-1]):
-        prev = out[min(out)]
-        out[n] = coarsen(Split(prev, prev.new_zeros(len(prev))), 1, sigma, pair).x
-    return out
+def _down(x: torch.Tensor, times: int, sigma: float, pair: str) -> torch.Tensor:
+    """``x`` coarsened ``times`` times the way the pyramid does it (blur, then restrict)."""
+    for _ in range(times):
+        x = restrict_image(gaussian_blur(x, sigma), pair)
+    return x
+
+
+def mge_pixels(sizes: list[int], batch_sizes: list[int]) -> int:
+    """What one MGE batch costs in pixels: set 0 at ``sizes[0]``, set ``l`` at ``sizes[l]`` and at
+    ``sizes[l - 1]``.
+
+    >>> mge_pixels([4, 8], [24, 8])
+    1024
+    """
+    return batch_sizes[0] * sizes[0] ** 2 + sum(
+        b * (sizes[i] ** 2 + sizes[i - 1] ** 2) for i, b in enumerate(batch_sizes) if i)
 
 
 def mge_loss(forward: MultiResolutionForward, x: torch.Tensor, y: torch.Tensor, sizes: list[int],
@@ -45,27 +56,21 @@ def mge_loss(forward: MultiResolutionForward, x: torch.Tensor, y: torch.Tensor, 
     """The telescoping loss whose gradient is the MGE estimate, on the fine batch ``(x, y)``:
     sample set 0 (the first ``batch_sizes[0]`` images) at ``sizes[0]``; set ``l`` at ``sizes[l]``
     minus the same set at ``sizes[l - 1]``. Returns ``(loss, info)``; ``info["pixels"]`` is the
-    cost in pixels, ``info["terms"]`` the value of each term."""
+    cost in pixels (``mge_pixels``)."""
     if any(b != 2 * a for a, b in zip(sizes, sizes[1:], strict=False)):
         raise ValueError(f"mge: sizes {sizes} must double from level to level (coarsest first)")
     if len(batch_sizes) != len(sizes) or sum(batch_sizes) > len(y):
         raise ValueError(f"mge: batch_sizes {batch_sizes} need one entry per level {sizes} and at "
                          f"most {len(y)} images in all")
-    starts = [sum(batch_sizes[:i]) for i in range(len(sizes))]
-    terms, pixels = [], 0
-    for lvl, (s, b) in enumerate(zip(starts, batch_sizes, strict=True)):
-        xs, ys = x[s : s + b], y[s : s + b]
-        at = _levels_down(xs, sizes, sigma, pair)
-        fine_n = sizes[lvl]
-        term = F.cross_entropy(forward(at[fine_n]), ys)
-        pixels += b * fine_n**2
-        if lvl:
-            coarse_n = sizes[lvl - 1]
-            term = term - F.cross_entropy(forward(at[coarse_n]), ys)
-            pixels += b * coarse_n**2
-        terms.append(term)
-    loss = torch.stack(terms).sum()
-    return loss, {"pixels": pixels, "terms": [t.item() for t in terms]}
+    loss, start, top = 0.0, 0, len(sizes) - 1
+    for lvl, b in enumerate(batch_sizes):
+        xs, ys = x[start : start + b], y[start : start + b]
+        start += b
+        xs = _down(xs, top - lvl, sigma, pair)  # this set at its own grid, sizes[lvl]
+        loss = loss + F.cross_entropy(forward(xs), ys)
+        if lvl:  # minus the same samples one grid coarser
+            loss = loss - F.cross_entropy(forward(_down(xs, 1, sigma, pair)), ys)
+    return loss, {"pixels": mge_pixels(sizes, batch_sizes)}
 
 
 class MultilevelStep:
@@ -121,7 +126,7 @@ def variance_ratio(model: ODENet, data: Split, fine: int, coarse: int, batch_siz
     for _ in range(batches):
         idx = torch.randint(len(data), (batch_size,), generator=g)
         x, y = data.x[idx], data.y[idx]
-        xc = _levels_down(x, [coarse, fine], sigma, model.config.pair)[coarse]
+        xc = _down(x, levels_between(coarse, fine), sigma, model.config.pair)
         f = _grad(model, F.cross_entropy(forward(x), y))
         c = _grad(model, F.cross_entropy(forward(xc), y))
         gf.append(f)

@@ -86,7 +86,7 @@ class StencilConv(nn.Module):
     module docstring), zero padding, optional bias. ``weight``: ``(out, in, 3, 3)`` for ``"free"``,
     ``(out, in, 6)`` for the consistent kinds (derivative coefficients)."""
 
-    def __init__(self, c_in: int, c_out: int, kind: str = "free", scale: float = 1 / 28,
+    def __init__(self, c_in: int, c_out: int, kind: str = "free", scale: float = 0.05,
                  bias: bool = True) -> None:
         super().__init__()
         stencil_kind(kind)

@@ -22,6 +22,7 @@ from pathlib import Path
 from torch import nn
 
 from mscnn.checkpoint import load_checkpoint, save_checkpoint
+from mscnn.mge import mge_pixels
 from mscnn.models import cost, handover
 from pipelines.config import ScheduleConfig
 from pipelines.pyramid import build_pyramid, level_for, read_manifest
@@ -56,9 +57,7 @@ def _mge_share(lv) -> float:
     """The pixel cost of a multilevel-estimated batch as a share of the same batch at ``n``."""
     if lv.estimator is None:
         return 1.0
-    sizes, b = lv.mge_sizes(), lv.estimator.batch_sizes
-    pixels = b[0] * sizes[0] ** 2 + sum(b[i] * (sizes[i] ** 2 + sizes[i - 1] ** 2) for i in range(1, len(b)))
-    return pixels / (sum(b) * lv.n**2)
+    return mge_pixels(lv.mge_sizes(), lv.estimator.batch_sizes) / (sum(lv.estimator.batch_sizes) * lv.n**2)
 
 
 @dataclass

@@ -46,19 +46,17 @@ def test_mge_gradient_is_the_telescoping_sum_on_independent_sample_sets():
 
 
 def test_mge_is_unbiased_for_the_full_batch_fine_gradient():
-    """The mean of many MGE estimates (random disjoint sample sets) approaches the full-batch
-    gradient at the fine grid: within 4 standard errors, and closer as draws are added."""
+    """The mean of many ``mge_loss`` gradients over random disjoint sample sets (40 images for the
+    coarse term, 8 for the correction, drawn afresh each time) approaches the full-batch gradient at
+    the fine grid: within 4 standard errors on nearly every component, and within 10% in norm."""
     net, d = _net(), _data(count=48)
     fwd = MultiResolutionForward(net, [8, 16])
     full = _grad(net, F.cross_entropy(fwd(d.x), d.y))
-    # the coarse term sees every image (48), each correction a random 8: the sets are independent
     g = torch.Generator().manual_seed(1)
     draws = []
-    x8_all = coarsen(d, 1, 1.0).x
     for _ in range(300):
-        corr = torch.randperm(48, generator=g)[:8]
-        loss = (F.cross_entropy(fwd(x8_all), d.y) + F.cross_entropy(fwd(d.x[corr]), d.y[corr])
-                - F.cross_entropy(fwd(x8_all[corr]), d.y[corr]))
+        perm = torch.randperm(48, generator=g)
+        loss, _ = mge_loss(fwd, d.x[perm], d.y[perm], [8, 16], [40, 8])
         draws.append(_grad(net, loss))
     draws = torch.stack(draws)
     mean, se = draws.mean(0), draws.std(0) / len(draws) ** 0.5
