@@ -148,7 +148,7 @@ def _pyramid(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, PyramidConfig, overrides)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     init_ray(args.address)
-    path, built = build_pyramid(cfg, args.out)
+    path, built = build_pyramid(cfg, args.out, verify=args.verify)
     Console().print(f"pyramid {'built' if built else 'already up to date, nothing done'}: {path}")
     return 0
 
@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     pyr.add_argument("--data-dir", help="source folder (overrides source.path)")
     pyr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     pyr.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config fields")
+    pyr.add_argument("--verify", action="store_true",
+                     help="when the pyramid is already there, check every shard's SHA-256 too")
     pyr.set_defaults(func=_pyramid)
     ap.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)

@@ -243,6 +243,9 @@ class ScheduleConfig(_Strict):
         import hashlib
         import json
 
-        blob = json.dumps(self.model_dump(exclude={"storage_path", "experiment", "scaling"}),
-                          sort_keys=True)
+        # where the pyramid's source was read from is not part of a schedule's identity (the
+        # pyramid's content is: the build refuses another content under the same name)
+        d = self.model_dump(exclude={"storage_path", "experiment", "scaling"})
+        d["pyramid"]["source"]["path"] = None
+        blob = json.dumps(d, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]

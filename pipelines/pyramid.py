@@ -83,10 +83,29 @@ class PyramidConfig(BaseModel):
         get_pair(self.pair)
         return self
 
+    def identity(self) -> dict:
+        """The settings that decide the pyramid's content: everything but its name and where the
+        source was read from (the source's content enters through its checksums)."""
+        d = self.model_dump(exclude={"name"})
+        d["source"]["path"] = None  # as if found through MSCNN_DATA_DIR: those hashes stay as they were
+        return d
+
     def config_hash(self, checksums: dict[str, str]) -> str:
-        blob = json.dumps({"config": self.model_dump(exclude={"name"}), "checksums": checksums},
-                          sort_keys=True)
+        """Content identity: the same files reached through ``--data-dir``, ``MSCNN_DATA_DIR``, a
+        symlink or a trailing slash give the same hash."""
+        blob = json.dumps({"config": self.identity(), "checksums": checksums}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def same_content(self, manifest: dict, checksums: dict[str, str]) -> bool:
+        """Whether ``manifest`` (also one written before the hash left the path out) describes the
+        pyramid this config builds from sources with these ``checksums``."""
+        if manifest.get("config_hash") == self.config_hash(checksums):
+            return True
+        try:
+            old = PyramidConfig.model_validate(manifest["config"])
+        except (KeyError, ValueError):
+            return False
+        return old.identity() == self.identity() and manifest.get("checksums") == checksums
 
 
 def next_level(batch: dict[str, np.ndarray], sigma: float, pair: str) -> dict[str, np.ndarray]:
@@ -205,19 +224,21 @@ def _versions() -> dict:
             "pyarrow": pa.__version__, "numpy": np.__version__}
 
 
-def build_pyramid(cfg: PyramidConfig, out: str | os.PathLike) -> tuple[Path, bool]:
+def build_pyramid(cfg: PyramidConfig, out: str | os.PathLike, verify: bool = False) -> tuple[Path, bool]:
     """Build the pyramid ``cfg`` under ``out/<name>`` with Ray Data. Returns ``(path, built)``;
-    ``built`` is False when the same pyramid was already there (nothing is done then). One build
-    per pyramid at a time (a lock beside it); temporary folders of a killed build are removed."""
+    ``built`` is False when the same pyramid was already there (nothing is done then; its shards'
+    sizes are checked, and with ``verify`` their SHA-256). One build per pyramid at a time (a lock
+    beside it); temporary folders of a killed build are removed."""
     target = Path(out) / cfg.name
     info, checksums, splits = _load_source(cfg)
     with exclusive(Path(out) / f".{cfg.name}.lock", f"building pyramid {cfg.name} in {out}"):
         for stale in Path(out).glob(f".{cfg.name}.tmp-*"):  # left by a killed build (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
-        return _build(cfg, target, info, checksums, splits)
+        return _build(cfg, target, info, checksums, splits, verify)
 
 
-def _build(cfg: PyramidConfig, target: Path, info: dict, checksums: dict, splits: dict) -> tuple[Path, bool]:
+def _build(cfg: PyramidConfig, target: Path, info: dict, checksums: dict, splits: dict,
+           verify: bool) -> tuple[Path, bool]:
     import ray
     from ray.data.datasource import FilenameProvider
 
@@ -228,12 +249,14 @@ def _build(cfg: PyramidConfig, target: Path, info: dict, checksums: dict, splits
     chash = cfg.config_hash(checksums)
     if target.exists():
         try:
-            old = read_manifest(target).get("config_hash")
+            manifest = read_manifest(target)
         except (FileNotFoundError, json.JSONDecodeError):
-            old = None
-        if old == chash:
-            check_shards(target)
-            log.info("pyramid %s is up to date (config hash %s): nothing to do", target, chash)
+            manifest = {}
+        old = manifest.get("config_hash")
+        if cfg.same_content(manifest, checksums):
+            check_shards(target, manifest, verify=verify)
+            log.info("pyramid %s is up to date (config hash %s%s): nothing to do", target, old,
+                     ", every shard's checksum verified" if verify else "")
             return target, False
         raise FileExistsError(
             f"{target} holds a different pyramid (config hash {old} != {chash}); "
@@ -265,6 +288,7 @@ def _build(cfg: PyramidConfig, target: Path, info: dict, checksums: dict, splits
             "versions": _versions(), "build_seconds": time.perf_counter() - t0,
         }
         manifest["shards"] = _shards(tmp)
+        manifest["shard_sha256"] = {rel: _sha256(tmp / rel) for rel in manifest["shards"]}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         tmp.rename(target)
     finally:
@@ -282,9 +306,10 @@ def _shards(root: Path) -> dict[str, int]:
     return {str(f.relative_to(root)): f.stat().st_size for f in files}
 
 
-def check_shards(root: str | os.PathLike, manifest: dict | None = None) -> None:
+def check_shards(root: str | os.PathLike, manifest: dict | None = None, verify: bool = False) -> None:
     """``ValueError`` naming the first shard that the manifest lists and that is missing or has
-    another size (a deleted or truncated file), or that is there without being listed."""
+    another size (a deleted or truncated file), or that is there without being listed; with
+    ``verify``, also one whose SHA-256 differs from the manifest's (a file changed in place)."""
     root = Path(root)
     m = manifest or read_manifest(root)
     want = m.get("shards")
@@ -301,6 +326,15 @@ def check_shards(root: str | os.PathLike, manifest: dict | None = None) -> None:
     extra = sorted(set(have) - set(want))
     if extra:
         raise ValueError(f"pyramid {root}: shard {root / extra[0]} is not in its manifest")
+    if verify:
+        sums = m.get("shard_sha256")
+        if sums is None:
+            raise ValueError(f"pyramid {root}: its manifest has no shard checksums (built before "
+                             "they were recorded); remove the folder to rebuild it")
+        for rel, digest in sums.items():
+            if _sha256(root / rel) != digest:
+                raise ValueError(f"pyramid {root} is damaged: shard {root / rel} does not match "
+                                 "its SHA-256 in the manifest (remove the folder to rebuild it)")
 
 
 def _level_dir(root: str | os.PathLike, level: int, split: str) -> Path:

@@ -47,16 +47,16 @@ def require_ray(what: str) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(lock: str | os.PathLike, what: str) -> Iterator[None]:
+def exclusive(lock: str | os.PathLike, what: str, wait: bool = False) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the file ``lock`` for the block; if another process (or
     another open in this one) holds it, ``RuntimeError`` naming ``what`` and the holder (pid, host,
-    start time, written into the file). The kernel drops the lock when its holder dies, so a killed
-    run never leaves a stale lock."""
+    start time, written into the file), or with ``wait`` wait for it. The kernel drops the lock
+    when its holder dies, so a killed run never leaves a stale lock."""
     lock = Path(lock)
     lock.parent.mkdir(parents=True, exist_ok=True)
     f = open(lock, "a+")  # noqa: SIM115 (held for the whole block)
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "another process"

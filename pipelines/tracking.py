@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pipelines.runtime import exclusive
+
 __all__ = ["Tracker", "flatten", "tracking_uri"]
 
 
@@ -41,15 +43,31 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri(uri)
-        self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = None
-            if self.uri.startswith("sqlite:"):  # artifacts beside the database, absolute
-                location = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        if self.uri.startswith("sqlite:"):
+            # the first client of a new SQLite store creates its tables (alembic migrations): two
+            # processes doing it at once break each other, so one at a time (a lock beside the file)
+            db = Path(self.uri[len("sqlite:///"):])
+            with exclusive(db.with_name(f".{db.name}.lock"), f"MLflow store {db}", wait=True):
+                self.client = MlflowClient(self.uri)
+                self.experiment_id = self._experiment(experiment, (db.parent / "mlartifacts").as_uri())
         else:
-            self.experiment_id = exp.experiment_id
+            self.client = MlflowClient(self.uri)
+            self.experiment_id = self._experiment(experiment, None)
+
+    def _experiment(self, name: str, location: str | None) -> str:
+        """The id of experiment ``name``, created if missing (by whichever process gets there
+        first: a server answers the second with RESOURCE_ALREADY_EXISTS)."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id
 
     def start_run(self, name: str, tags: dict[str, str] | None = None,
                   params: dict[str, Any] | None = None, parent_id: str | None = None) -> str:

@@ -1,8 +1,10 @@
 """A real two-node Ray cluster on this machine, an MLflow server, and `ray job submit`.
 
-Starts a Ray head and a second Ray node (both on 127.0.0.1, each with its own resources and a temp
-dir of this test's), an `mlflow server` with a SQLite store, submits a small multiscale schedule
-with `ray job submit`, waits for SUCCEEDED (bounded), then checks through MLflow's REST client that
+Starts a Ray head and a second Ray node as cluster/README.md documents it (`cluster/start-head.sh`
+creates the token and turns token auth on, `cluster/start-worker.sh` joins with it; both on
+127.0.0.1, each with its own resources and a temp dir of this test's), proves that a submit
+without the token or with a wrong one is refused and runs nothing, starts an `mlflow server` with
+a SQLite store, submits a small multiscale schedule with `ray job submit`, waits for SUCCEEDED (bounded), then checks through MLflow's REST client that
 the parent and stage runs hold metrics, that the stage checkpoints are on the shared storage path,
 and that the stage's workers ran on both nodes. Stops exactly the processes it started.
 """
@@ -55,14 +57,33 @@ def _wait_http(port: int, seconds: float) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {seconds} s")
 
 
+def _ray_start(script: str, args, env, tries: int = 3) -> None:
+    """Run ``cluster/<script>`` (the documented start); show its stderr when it fails and retry a
+    port another process took between ``_free_port`` and the start (``args`` is re-evaluated)."""
+    for attempt in range(tries):
+        run = subprocess.run(["bash", ROOT / "cluster" / script, *args()], env=env,
+                             capture_output=True, text=True, timeout=300)
+        if run.returncode == 0:
+            return
+        collided = any(w in run.stderr.lower() for w in (
+            "already in use", "address in use", "failed to bind"))
+        if not collided or attempt == tries - 1:
+            raise RuntimeError(f"cluster/{script} exited {run.returncode}:\n"
+                               f"{run.stdout[-3000:]}\n{run.stderr[-6000:]}")
+        time.sleep(2)
+
+
 @pytest.fixture
 def cluster(tmp_path):
     temp = Path(tempfile.mkdtemp(prefix="mscnn-rc-", dir="/tmp"))  # short: Ray's socket paths
     shared = tmp_path / "shared"
     shared.mkdir()
+    home = tmp_path / "home"  # the token the head creates lives here, not in the user's ~/.ray
+    home.mkdir()
     gcs, dash, mlf = _free_port(), _free_port(), _free_port()
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HOME": str(home)}
+    for var in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(var, None)
     started: list[subprocess.Popen] = []
     try:
         def own_ports():  # two nodes on one machine: every per-node service on its own port
@@ -70,15 +91,19 @@ def cluster(tmp_path):
                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
                 "metrics-export-port", "node-manager-port", "object-manager-port")]
 
-        subprocess.run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", *own_ports(),
-                        f"--port={gcs}", "--num-cpus=2", '--resources={"head_node": 1}',
-                        "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                        f"--dashboard-port={dash}", f"--temp-dir={temp}",
-                        "--disable-usage-stats"], env=env, check=True, capture_output=True)
-        subprocess.run([BIN / "ray", "start", f"--address=127.0.0.1:{gcs}", *own_ports(),
-                        "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                        '--resources={"second_node": 1}', f"--temp-dir={temp}",
-                        "--disable-usage-stats"], env=env, check=True, capture_output=True)
+        # as cluster/README.md documents it: the head creates the token, the worker is given it
+        _ray_start("start-head.sh", lambda: [
+            "--node-ip-address=127.0.0.1", *own_ports(), f"--port={gcs}", "--num-cpus=2",
+            '--resources={"head_node": 1}', "--include-dashboard=true",
+            f"--dashboard-port={dash}", f"--temp-dir={temp}"], env)
+        token = (home / ".ray" / "auth_token").read_text().strip()
+        assert len(token) >= 32
+        worker_env = {k: v for k, v in env.items() if k != "HOME"} | {
+            "HOME": str(tmp_path), "RAY_AUTH_TOKEN": token}  # a machine without the token file
+        _ray_start("start-worker.sh", lambda: [
+            f"127.0.0.1:{gcs}", *own_ports(), "--node-ip-address=127.0.0.1", "--num-cpus=2",
+            '--resources={"second_node": 1}', f"--temp-dir={temp}"], worker_env)
+        env = {**env, "RAY_AUTH_MODE": "token"}  # the client: the documented export
         store = tmp_path / "mlflow"
         store.mkdir()
         started.append(subprocess.Popen(
@@ -90,7 +115,8 @@ def cluster(tmp_path):
         _wait_http(mlf, 120)
         _wait_http(dash, 60)
         yield {"dashboard": f"http://127.0.0.1:{dash}", "mlflow": f"http://127.0.0.1:{mlf}",
-               "shared": shared, "env": env, "temp": temp}
+               "shared": shared, "env": env, "temp": temp, "gcs": f"127.0.0.1:{gcs}",
+               "token": token}
     finally:
         for p in started:
             if p.poll() is None:
@@ -125,6 +151,23 @@ def test_multiscale_job_on_two_node_cluster(cluster, tmp_path):
     env = {**cluster["env"], "MLFLOW_TRACKING_URI": cluster["mlflow"]}
     runtime_env = {"working_dir": str(ROOT), "env_vars": {"MLFLOW_TRACKING_URI": cluster["mlflow"]},
                    "excludes": [".venv", "outputs", ".git", "mlflow.db", "mlruns", "*.parquet"]}
+    # without the token, and with a wrong one, the job server refuses (and so does the GCS)
+    no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"} | {"HOME": str(tmp_path)}
+    wrong = {**env, "HOME": str(tmp_path), "RAY_AUTH_TOKEN": "0" * len(cluster["token"])}
+    for bad, says in ((no_token, "missing authentication token"),
+                      (wrong, "invalid authentication token")):
+        sub = subprocess.run(
+            [BIN / "ray", "job", "submit", "--address", cluster["dashboard"], "--",
+             "python", "-c", "open('PWNED', 'w')"], env=bad, capture_output=True, text=True,
+            timeout=300)
+        assert says in (sub.stdout + sub.stderr).lower(), sub.stdout + sub.stderr
+    gcs = subprocess.run([BIN / "ray", "status", "--address", cluster["gcs"]], env=no_token,
+                         capture_output=True, text=True, timeout=120)
+    assert gcs.returncode != 0 and "authentication" in (gcs.stdout + gcs.stderr).lower()
+    listed = subprocess.run([BIN / "ray", "job", "list", "--address", cluster["dashboard"]],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "raysubmit_" not in listed.stdout, listed.stdout
+
     for _ in range(30):  # the job agent comes up a little after the dashboard's port
         sub = subprocess.run(
             [BIN / "ray", "job", "submit", "--address", cluster["dashboard"], "--no-wait",

@@ -87,6 +87,13 @@ def test_a_damaged_pyramid_is_an_error_naming_the_shard(local_ray, tmp_path):
     assert level_tensors(path, 1, "val").x.shape == (20, 1, 8, 8)
     shard = sorted((path / "level=1" / "split=train").glob("*.parquet"))[-1]
     data = shard.read_bytes()
+    # changed in place, same size: the cheap check passes, --verify's checksums do not
+    shard.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    assert build_pyramid(cfg, tmp_path) == (path, False)
+    with pytest.raises(ValueError, match=rf"shard {shard} does not match its SHA-256"):
+        build_pyramid(cfg, tmp_path, verify=True)
+    shard.write_bytes(data)
+    assert build_pyramid(cfg, tmp_path, verify=True) == (path, False)
     shard.write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(ValueError, match=rf"shard {shard} has \d+ bytes, the manifest says {len(data)}"):
         load_level(path, 1, "train")
@@ -99,3 +106,58 @@ def test_a_damaged_pyramid_is_an_error_naming_the_shard(local_ray, tmp_path):
     (tmp_path / ".other.tmp-abc").mkdir()
     build_pyramid(cfg.model_copy(update={"name": "other"}), tmp_path)
     assert not (tmp_path / ".other.tmp-abc").exists()
+
+
+def test_pyramid_and_schedule_identity_come_from_content_not_the_path_spelling(tmp_path):
+    _folder(tmp_path / "data", {"a": 3, "b": 3})
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    hashes = set()
+    for spelling in (tmp_path / "data", f"{tmp_path / 'data'}/", tmp_path / "link",
+                     tmp_path / "data" / ".." / "data"):
+        cfg = PyramidConfig(name="f", levels=1, source=SourceConfig(kind="folder", path=str(spelling),
+                                                                     size=8))
+        hashes.add(cfg.config_hash(_load_source(cfg)[1]))
+    assert len(hashes) == 1
+    # other content under the same settings: another hash
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(tmp_path / "data" / "train" / "a" / "0.png")
+    assert cfg.config_hash(_load_source(cfg)[1]) not in hashes
+    # a manifest written when the path was hashed is still recognised by its content
+    checksums = _load_source(cfg)[1]
+    legacy = {"config_hash": "0123456789abcdef", "config": cfg.model_dump(), "checksums": checksums}
+    moved = cfg.model_copy(update={"source": cfg.source.model_copy(update={"path": "/elsewhere"})})
+    assert moved.same_content(legacy, checksums)
+    assert not moved.same_content(legacy | {"checksums": {"x": "y"}}, checksums)
+    assert not moved.model_copy(update={"sigma": 2.0}).same_content(legacy, checksums)
+    # a schedule's identity (its run folder) does not depend on where its data was found
+    from pipelines.config import ScheduleConfig
+
+    base = {"name": "s", "kind": "single", "levels": [{"n": 8}], "model": {"channels": 2, "classes": 2},
+            "pyramid": {"name": "f", "levels": 1, "source": {"kind": "folder", "size": 8}}}
+    h = {ScheduleConfig.model_validate(base | {"pyramid": base["pyramid"] | {
+        "source": {"kind": "folder", "size": 8, "path": p}}}).config_hash() for p in (None, "/a", "/b/")}
+    assert len(h) == 1
+
+
+@pytest.mark.slow
+def test_processes_opening_a_fresh_mlflow_store_at_once_all_succeed(tmp_path):
+    """Without the lock beside the SQLite file, 4 of 4 such starts failed here in alembic's
+    migrations ("table datasets already exists", "expected to match one row")."""
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code = ("import sys, time\n"
+            "from pipelines.tracking import Tracker\n"
+            "while time.time() < float(sys.argv[2]): time.sleep(0.005)\n"
+            "t = Tracker('race', sys.argv[1]); r = t.start_run('r'); t.end_run(r)\n")
+    go = str(time.time() + 8)  # past the imports of all of them: they open the store together
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri, go], stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(e[-1500:] for e in errs)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("race")
+    assert len(client.search_runs([exp.experiment_id])) == 3
