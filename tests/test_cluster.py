@@ -2,11 +2,12 @@
 
 Starts a Ray head and a second Ray node as cluster/README.md documents it (`cluster/start-head.sh`
 creates the token and turns token auth on, `cluster/start-worker.sh` joins with it; both on
-127.0.0.1, each with its own resources and a temp dir of this test's), proves that a submit
-without the token or with a wrong one is refused and runs nothing, starts an `mlflow server` with
-a SQLite store, submits a small multiscale schedule with `ray job submit`, waits for SUCCEEDED (bounded), then checks through MLflow's REST client that
-the parent and stage runs hold metrics, that the stage checkpoints are on the shared storage path,
-and that the stage's workers ran on both nodes. Stops exactly the processes it started.
+127.0.0.1, each with its own resources and a temp dir of this test's), proves that a submit without
+the token or with a wrong one is refused and runs nothing, starts an `mlflow server` with a SQLite
+store, submits a small multiscale schedule with `ray job submit`, waits for SUCCEEDED (bounded),
+then checks through MLflow's REST client that the parent and stage runs hold metrics, that the stage
+checkpoints are on the shared storage path, and that the stage's workers ran on both nodes. Stops
+exactly the processes it started.
 """
 
 import json
