@@ -1,4 +1,5 @@
-"""``mscnn`` command line: ``demo``, ``pyramid``, ``train``, ``evaluate``, ``sweep``, ``report``."""
+"""``mscnn`` command line: ``demo``, ``pyramid``, ``train``, ``evaluate``, ``sweep``, ``report``,
+``predict``, ``export``."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ from rich.console import Console
 from rich.table import Table
 
 from pipelines.runtime import init_ray
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _load_schedule(path, sets: list[str] | None, data_dir: str | None):
@@ -52,6 +51,39 @@ def _crossres_table(rows: list[dict]) -> Table:
     return table
 
 
+class _StageProgress:
+    """A rich progress bar per stage: epochs done of the level's, val accuracy, images/s, ETA."""
+
+    def __init__(self, console: Console) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("epochs  {task.fields[status]}"), TimeElapsedColumn(),
+                            TextColumn("eta"), TimeRemainingColumn(), console=console)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+    def __call__(self, stage: str, m: dict) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=m["epochs"], status="")
+        self.bar.update(self.tasks[stage], completed=m["epoch"] + 1,
+                        status=f"val acc {100 * m['val_accuracy']:.2f}%  "
+                               f"{m['images_per_s']:.0f} img/s  loss {m['train_loss']:.3f}")
+
+
 def _train(args: argparse.Namespace) -> int:
     """Run (or resume) a schedule: each level a Ray Train stage, tracked in MLflow."""
     from pipelines.schedule import run_schedule
@@ -63,9 +95,42 @@ def _train(args: argparse.Namespace) -> int:
 
         console.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
-    init_ray(args.address)
-    result = run_schedule(cfg, log=console.print)
+    init_ray(args.address, quiet=not args.verbose)
+    with _StageProgress(console) as progress:
+        result = run_schedule(cfg, log=console.print, progress=progress, fresh=args.fresh)
     console.print(_schedule_table([result]))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """Classify images with a checkpoint, at the images' resolution."""
+    import json
+
+    from pipelines.predict import predict
+
+    rows = predict(args.checkpoint, args.images, n=args.n, method=args.method, top=args.top)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    table = Table(title=f"{args.checkpoint}: {rows[0]['how']}")
+    for col in ("image", "class", "probability", *(["top"] if args.top > 1 else [])):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["image"], r["class"], f"{r['probability']:.3f}",
+                      *([", ".join(f"{c} {q:.2f}" for c, q in r["top"])] if args.top > 1 else []))
+    Console().print(table)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """TorchScript + ONNX of a checkpoint, each checked against the eager network's logits."""
+    from pipelines.predict import export
+
+    info = export(args.checkpoint, args.out, n=args.n)
+    Console().print(f"wrote {args.out}/model.ts and {args.out}/model.onnx for {info['n']}x{info['n']} "
+                    f"inputs; largest logit difference from the eager network: "
+                    f"TorchScript {info['max_abs_diff']['torchscript']:.2e}, "
+                    f"ONNX {info['max_abs_diff']['onnx']:.2e}")
     return 0
 
 
@@ -86,7 +151,7 @@ def _sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.config, parse_overrides(args.set or []))
     # a trial (its driver), its Train worker and Ray Data's read tasks need more logical CPUs than
     # there are cores on a small machine, or lazy reads wait forever
-    init_ray(args.address, num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+    init_ray(args.address, num_cpus=max(4, 2 * (os.cpu_count() or 1)), quiet=not args.verbose)
     run_sweep(sweep, log=Console().print)
     return 0
 
@@ -106,6 +171,7 @@ def _report(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     """The main job: MNIST pyramid, single-scale and multiscale schedules on Ray Train, the
     cross-resolution evaluation, one comparison table, and where to look in MLflow."""
+    from pipelines.config import packaged_configs
     from pipelines.evaluate import evaluate_checkpoints
     from pipelines.schedule import run_schedule
     from pipelines.tracking import tracking_uri
@@ -114,14 +180,15 @@ def _demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     names = (("mnist_single", "mnist_multiscale") if args.full else
              ("demo_single", "demo_multiscale", "demo_multiscale_galerkin"))
-    cfgs = [_load_schedule(CONFIGS / f"{n}.yaml", args.set, args.data_dir) for n in names]
+    cfgs = [_load_schedule(packaged_configs() / f"{n}.yaml", args.set, args.data_dir) for n in names]
     console.print(f"[bold]mscnn demo[/] ({'full protocol' if args.full else 'demo subset'}): "
                   f"{', '.join(c.name for c in cfgs)} on Ray Train; tracking in {tracking_uri()}")
     init_ray(args.address, quiet=not args.verbose)
     results = []
     for cfg in cfgs:
         console.rule(f"{cfg.name} ({cfg.kind})")
-        results.append(run_schedule(cfg, log=console.print))
+        with _StageProgress(console) as progress:
+            results.append(run_schedule(cfg, log=console.print, progress=progress))
     single, multi = results[:2]
     pyramid = Path(cfgs[0].pyramid_root).resolve() / cfgs[0].pyramid.name
     console.rule("cross-resolution evaluation")
@@ -147,7 +214,7 @@ def _pyramid(args: argparse.Namespace) -> int:
         overrides["source.path"] = args.data_dir
     cfg = load_config(args.config, PyramidConfig, overrides)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    init_ray(args.address)
+    init_ray(args.address, quiet=not args.verbose)
     path, built = build_pyramid(cfg, args.out, verify=args.verify)
     Console().print(f"pyramid {'built' if built else 'already up to date, nothing done'}: {path}")
     return 0
@@ -172,7 +239,26 @@ def main(argv: list[str] | None = None) -> int:
                        help="override fields, e.g. levels.0.epochs=1 scaling.num_workers=2")
     train.add_argument("--dry-run", action="store_true",
                        help="print the resolved schedule (config file + --set + --data-dir) and exit")
+    train.add_argument("--fresh", action="store_true",
+                       help="discard this schedule's earlier outputs and start over (default: resume)")
+    train.add_argument("--verbose", action="store_true", help="show Ray's worker and data logs")
     train.set_defaults(func=_train)
+    pr = sub.add_parser("predict", help="classify image files with a checkpoint, at their resolution")
+    pr.add_argument("--checkpoint", required=True, help="a checkpoint folder (e.g. .../L1-n28-N2.best)")
+    pr.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    pr.add_argument("--n", type=int, help="read the images at n x n (default: their own size)")
+    from pipelines.predict import METHODS
+
+    pr.add_argument("--method", default="auto", choices=METHODS,
+                    help="how the network meets the images' resolution (default: the measured best)")
+    pr.add_argument("--top", type=int, default=1, help="show the top-k classes")
+    pr.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    pr.set_defaults(func=_predict)
+    ex = sub.add_parser("export", help="TorchScript and ONNX files of a checkpoint, checked")
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--out", required=True, help="folder for model.ts, model.onnx, export.json")
+    ex.add_argument("--n", type=int, help="input resolution (default: the network's own)")
+    ex.set_defaults(func=_export)
     ev = sub.add_parser("evaluate", help="cross-resolution table of a fine and a coarse checkpoint")
     ev.add_argument("--fine", required=True, help="checkpoint folder of the fine-trained network")
     ev.add_argument("--coarse", required=True, help="checkpoint folder of the coarse-trained network")
@@ -184,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--config", required=True, help="e.g. configs/sweep_mnist.yaml")
     sw.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     sw.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override sweep fields")
+    sw.add_argument("--verbose", action="store_true", help="show Ray's worker and data logs")
     sw.set_defaults(func=_sweep)
     rp = sub.add_parser("report", help="compare schedules from MLflow runs: table + PNG plots")
     rp.add_argument("--experiment", default="mscnn", help="MLflow experiment (sweeps: mscnn-sweeps)")
@@ -199,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     pyr.add_argument("--data-dir", help="source folder (overrides source.path)")
     pyr.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     pyr.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override config fields")
+    pyr.add_argument("--verbose", action="store_true", help="show Ray's worker and data logs")
     pyr.add_argument("--verify", action="store_true",
                      help="when the pyramid is already there, check every shard's SHA-256 too")
     pyr.set_defaults(func=_pyramid)

@@ -30,11 +30,33 @@ class ConfigError(ValueError):
     """A config file that cannot be read or does not validate."""
 
 
+def packaged_configs() -> Path:
+    """The folder of the configs shipped with the package (``configs/`` in a checkout is a link
+    to it), found through ``importlib.resources`` so a plain ``pip install`` has them too."""
+    from importlib.resources import files
+
+    return Path(str(files("pipelines") / "configs"))
+
+
+def find_config(path: str | os.PathLike) -> Path:
+    """``path`` if it exists; else, for a bare name or ``configs/NAME`` (the README's spelling),
+    the packaged config of that name; else ``ConfigError`` listing the packaged ones."""
+    p = Path(path)
+    if p.exists():
+        return p
+    shipped = packaged_configs()
+    if len(p.parts) == 1 or (len(p.parts) == 2 and p.parts[0] == "configs"):
+        if (shipped / p.name).is_file():
+            return shipped / p.name
+    names = ", ".join(sorted(f.name for f in shipped.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {p} (shipped configs, usable by name: {names})")
+
+
 def load_config(path: str | os.PathLike, model: type[M], overrides: dict | None = None) -> M:
-    """Read ``path`` (YAML), apply ``overrides`` (dotted keys, list indices as numbers, e.g.
-    ``{"source.limit": 100, "levels.0.epochs": 2}``) and
-    validate it as ``model``."""
-    path = Path(path)
+    """Read ``path`` (YAML; a shipped config also by its name, see ``find_config``), apply
+    ``overrides`` (dotted keys, list indices as numbers, e.g.
+    ``{"source.limit": 100, "levels.0.epochs": 2}``) and validate it as ``model``."""
+    path = find_config(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -170,8 +192,12 @@ class LevelConfig(_Strict):
 
 class ScalingModel(_Strict):
     num_workers: int = Field(1, ge=0)  # 0: run in the driver (fast tests; no checkpoints persisted)
-    use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs when the cluster has them
+    # auto: GPUs when the cluster has them now; true: GPUs, waiting up to gpu_wait_s for an
+    # autoscaler to add GPU nodes (their resources are requested), else a clear error
+    use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+    gpu_wait_s: float = Field(900.0, ge=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
@@ -189,6 +215,7 @@ class ScheduleConfig(_Strict):
     materialize_data: bool = True  # read each level into the object store once; False: stream
     storage_path: str = "outputs/ray_results"  # shared path or URI on a cluster
     experiment: str = "mscnn"
+    register_model: str | None = None  # also register the final model in MLflow's registry as this
     seed: int = 0
     random_init: bool = False  # every level from random weights (the comparison for transfers)
 
@@ -245,7 +272,10 @@ class ScheduleConfig(_Strict):
 
         # where the pyramid's source was read from is not part of a schedule's identity (the
         # pyramid's content is: the build refuses another content under the same name)
-        d = self.model_dump(exclude={"storage_path", "experiment", "scaling"})
+        d = self.model_dump(exclude={"storage_path", "experiment", "scaling", "register_model"})
         d["pyramid"]["source"]["path"] = None
+        for later in ("idx", "class_names"):  # fields added later count only when set
+            if d["pyramid"]["source"].get(later) is None:
+                d["pyramid"]["source"].pop(later, None)
         blob = json.dumps(d, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -21,11 +21,12 @@ __all__ = ["evaluate_checkpoints", "transfer_rows"]
 
 def evaluate_checkpoints(fine: str | os.PathLike, coarse: str | os.PathLike,
                          pyramid: str | os.PathLike, split: str = "val",
-                         pairs: list[str] | None = None, experiment: str | None = "mscnn",
+                         pairs: list[str] | None = None, experiment: str | None = "mscnn-evaluations",
                          tags: dict | None = None) -> list[dict]:
     """Rows of the Sec. 4.1 table for a fine- and a coarse-trained checkpoint on ``split`` of the
     pyramid (images scaled by its recorded normalisation). ``pairs`` default to the pyramid's pair:
-    the coarse images were made with it. Logs one MLflow run when ``experiment`` is given."""
+    the coarse images were made with it. Logs one MLflow run when ``experiment`` is given (an
+    experiment of its own by default: evaluations are not schedules to compare)."""
     fine_m, _ = load_checkpoint(fine)
     coarse_m, _ = load_checkpoint(coarse)
     for path, m in ((fine, fine_m), (coarse, coarse_m)):

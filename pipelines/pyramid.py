@@ -52,16 +52,45 @@ __all__ = [
 SPLITS = ("train", "val", "test")
 
 
-class SourceConfig(BaseModel):
-    """Where the images come from."""
+class IdxFiles(BaseModel):
+    """An IDX data set's files (names inside ``source.path``; gzipped or not): a train pair and,
+    optionally, a test pair of ``[images, labels]``."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["mnist", "folder", "synthetic"]
-    path: str | None = None  # mnist: folder of the IDX files; folder: root with train/ (and val/)
+    train: tuple[str, str]
+    test: tuple[str, str] | None = None
+
+
+class SourceConfig(BaseModel):
+    """Where the images come from: ``idx`` (any IDX images/labels pair: Fashion-MNIST, KMNIST,
+    EMNIST...), ``mnist`` (the ``idx`` preset with MNIST's file names, found through
+    ``MSCNN_DATA_DIR`` when no path is given), ``folder`` (one sub-folder per class) or
+    ``synthetic``."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["mnist", "idx", "folder", "synthetic"]
+    path: str | None = None  # mnist/idx: folder of the IDX files; folder: root with train/ (and val/)
     size: int = 28  # folder: square size to resize to; synthetic: n
     count: int = 1000  # synthetic: images in all (split by val_fraction/test_fraction)
     classes: int = 4  # synthetic
     limit: int | None = None  # take only the first `limit` images of each file/split (subsets)
+    idx: IdxFiles | None = None  # idx: the files (required); mnist: MNIST's names
+    class_names: list[str] | None = None  # idx: names of classes 0..k-1 (default: "0".."max label")
+
+    @model_validator(mode="after")
+    def _check(self) -> SourceConfig:
+        if self.kind == "idx" and (self.idx is None or not self.path):
+            raise ValueError("kind 'idx' needs path (the folder) and idx: {train: [images, labels], "
+                             "test: [images, labels]} (file names inside it)")
+        if self.kind not in ("idx", "mnist") and (self.idx or self.class_names):
+            raise ValueError(f"idx and class_names are for kind 'idx', not {self.kind!r}")
+        return self
+
+    def idx_files(self) -> dict[str, tuple[str, str]]:
+        """``{split: (images, labels)}`` of an IDX source (MNIST's names for ``mnist``)."""
+        if self.kind == "mnist" and self.idx is None:
+            return dict(mdata.MNIST_FILES)
+        return {s: tuple(f) for s, f in (("train", self.idx.train), ("test", self.idx.test)) if f}
 
 
 class PyramidConfig(BaseModel):
@@ -88,6 +117,9 @@ class PyramidConfig(BaseModel):
         source was read from (the source's content enters through its checksums)."""
         d = self.model_dump(exclude={"name"})
         d["source"]["path"] = None  # as if found through MSCNN_DATA_DIR: those hashes stay as they were
+        for later in ("idx", "class_names"):  # fields added later count only when set
+            if d["source"][later] is None:
+                del d["source"][later]
         return d
 
     def config_hash(self, checksums: dict[str, str]) -> str:
@@ -132,22 +164,34 @@ def _load_source(cfg: PyramidConfig) -> tuple[dict, dict, dict[str, tuple[np.nda
     """``(source_info, checksums, {split: (images uint8/float32 (N, C, n, n), labels)})``.
     Everything that can be wrong with the input is found here, before any Ray work."""
     src = cfg.source
-    if src.kind == "mnist":
-        d = mdata.find_mnist_dir(src.path)
-        files = [d / f for pair in mdata.MNIST_FILES.values() for f in pair]
+    if src.kind in ("mnist", "idx"):
+        pairs = src.idx_files()
+        d = mdata.find_mnist_dir(src.path) if src.kind == "mnist" else Path(src.path)
+        files = [d / f for pair in pairs.values() for f in pair]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"source.idx: {', '.join(missing)} not found")
         checksums = {f.name: _sha256(f) for f in files}
         arrays = {}
-        for split, (img_f, lab_f) in mdata.MNIST_FILES.items():
+        for split, (img_f, lab_f) in pairs.items():
             x, y = mdata.read_idx(d / img_f), mdata.read_idx(d / lab_f)
+            if x.ndim != 3 or y.ndim != 1:
+                raise ValueError(f"{d / img_f}: expected images (N, n, n) and labels (N,), got "
+                                 f"{x.shape} and {y.shape} ({d / lab_f})")
             if len(x) != len(y):
                 raise ValueError(f"{d / img_f} has {len(x)} images but {d / lab_f} has {len(y)} labels")
-            mdata.check_labels(y, 10, str(d / lab_f))
             arrays[split] = (x[:, None], y.astype(np.int64))
+        names = src.class_names or [str(i) for i in range(
+            10 if src.kind == "mnist" else int(arrays["train"][1].max()) + 1)]
+        for split, (_, lab_f) in pairs.items():
+            mdata.check_labels(arrays[split][1], len(names), str(d / lab_f))
         x, y = arrays["train"]
         n_val = cfg.n_val if cfg.n_val is not None else int(len(y) * cfg.val_fraction)
         tr, va = mdata.split_indices(len(y), n_val, cfg.seed)
-        splits = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": arrays["test"]}
-        info = {"kind": "mnist", "path": str(d), "classes": [str(i) for i in range(10)]}
+        splits = {"train": (x[tr], y[tr]), "val": (x[va], y[va])}
+        if "test" in arrays:
+            splits["test"] = arrays["test"]
+        info = {"kind": src.kind, "path": str(d), "classes": names}
     elif src.kind == "folder":
         if not src.path:
             raise ValueError("source.path: required for kind 'folder'")
@@ -230,11 +274,27 @@ def build_pyramid(cfg: PyramidConfig, out: str | os.PathLike, verify: bool = Fal
     sizes are checked, and with ``verify`` their SHA-256). One build per pyramid at a time (a lock
     beside it); temporary folders of a killed build are removed."""
     target = Path(out) / cfg.name
+    cfg = _with_recorded_source(cfg, target)
     info, checksums, splits = _load_source(cfg)
     with exclusive(Path(out) / f".{cfg.name}.lock", f"building pyramid {cfg.name} in {out}"):
         for stale in Path(out).glob(f".{cfg.name}.tmp-*"):  # left by a killed build (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         return _build(cfg, target, info, checksums, splits, verify)
+
+
+def _with_recorded_source(cfg: PyramidConfig, target: Path) -> PyramidConfig:
+    """A config without ``source.path`` (and no ``MSCNN_DATA_DIR``) reads the source from where the
+    pyramid already at ``target`` recorded it, so ``--data-dir`` is given once, at the first build."""
+    if cfg.source.path or cfg.source.kind == "synthetic" or os.environ.get("MSCNN_DATA_DIR"):
+        return cfg
+    try:
+        recorded = read_manifest(target)["source"].get("path")
+    except (FileNotFoundError, KeyError, json.JSONDecodeError):
+        return cfg
+    if not recorded or not Path(recorded).is_dir():
+        return cfg
+    log.info("pyramid %s: reading its source from %s (recorded at its build)", target, recorded)
+    return cfg.model_copy(update={"source": cfg.source.model_copy(update={"path": recorded})})
 
 
 def _build(cfg: PyramidConfig, target: Path, info: dict, checksums: dict, splits: dict,

@@ -21,11 +21,10 @@ import torch  # noqa: E402
 
 from pipelines.tracking import Tracker  # noqa: E402
 
-__all__ = ["RunCurve", "collect_runs", "fig1_kernels", "make_report", "summary_rows"]
+__all__ = ["RunCurve", "collect_runs", "fig1_kernels", "make_report", "summary_rows", "unique_labels"]
 
 KINDS = ("single", "multiscale", "depth")
-CURVE_METRICS = ("val_accuracy", "val_loss", "train_loss", "wallclock", "fine_equiv_epochs",
-                 "n", "steps")
+CURVE_METRICS = ("val_accuracy", "val_loss", "train_loss", "wallclock", "fine_equiv_epochs")
 
 
 @dataclass
@@ -38,10 +37,13 @@ class RunCurve:
     points: list[dict] = field(default_factory=list)  # one per epoch, sorted by step
     stage_inits: list[dict] = field(default_factory=list)  # init_val_loss/accuracy per stage
 
+    label_suffix: str = ""  # set by unique_labels when names repeat
+
     @property
     def label(self) -> str:
         init = self.tags.get("init", "transfer")
-        return f"{self.name} ({self.kind}{', random init' if init == 'random' else ''})"
+        return (f"{self.name}{self.label_suffix} "
+                f"({self.kind}{', random init' if init == 'random' else ''})")
 
     def to_target(self, target: float) -> dict | None:
         """The first epoch at which val accuracy reaches ``target`` on the final resolution's
@@ -76,10 +78,14 @@ def collect_runs(experiment: str, tracker: Tracker | None = None,
         kids = c.search_runs([tr.experiment_id], f"tags.mlflow.parentRunId = '{r.info.run_id}'",
                              max_results=1000, order_by=["attributes.start_time ASC"])
         for k in kids:
+            # the level's resolution and depth are params of its run (bookkeeping, not curves)
+            steps = json.loads(k.data.params.get("steps", "null").replace("None", "null"))
+            level = {"n": int(k.data.params["n"]), "steps": sum(steps) if steps else None,
+                     "stage": k.data.tags.get("stage")}
             by_step: dict[int, dict] = {}
             for m in CURVE_METRICS:
                 for h in c.get_metric_history(k.info.run_id, m):
-                    by_step.setdefault(h.step, {"step": h.step})[m] = h.value
+                    by_step.setdefault(h.step, {"step": h.step, **level})[m] = h.value
             curve.points += sorted((p for p in by_step.values() if "val_accuracy" in p),
                                    key=lambda p: p["step"])
             init = {m: k.data.metrics[m] for m in ("init_val_loss", "init_val_accuracy")
@@ -92,7 +98,8 @@ def collect_runs(experiment: str, tracker: Tracker | None = None,
 
 def summary_rows(curves: list[RunCurve], target: float) -> list[dict]:
     """One row per run; ``speedup`` = the single-scale baseline's compute to reach ``target``
-    divided by this run's (baseline: the first finished single-scale run)."""
+    divided by this run's, ``wallclock_speedup`` the same in seconds (baseline: the first finished
+    single-scale run that reaches the target)."""
     base = next((c.to_target(target) for c in curves if c.kind == "single" and c.to_target(target)),
                 None)
     rows = []
@@ -100,12 +107,13 @@ def summary_rows(curves: list[RunCurve], target: float) -> list[dict]:
         last = c.points[-1] if c.points else {}
         hit = c.to_target(target)
         rows.append({
-            "run": c.name, "kind": c.kind, "init": c.tags.get("init", "transfer"),
+            "run": c.name + c.label_suffix, "kind": c.kind, "init": c.tags.get("init", "transfer"),
             "final_val_accuracy": c.final_val_accuracy,
             "wallclock_s": last.get("wallclock"), "fine_equiv_epochs": last.get("fine_equiv_epochs"),
             "compute_to_target": hit["fine_equiv_epochs"] if hit else None,
             "wallclock_to_target": hit["wallclock"] if hit else None,
             "speedup": (base["fine_equiv_epochs"] / hit["fine_equiv_epochs"]) if base and hit else None,
+            "wallclock_speedup": (base["wallclock"] / hit["wallclock"]) if base and hit else None,
         })
     return rows
 
@@ -116,14 +124,24 @@ def _fmt(v, pat):
 
 def markdown(rows: list[dict], target: float) -> str:
     out = [f"| run | kind | init | final val acc | wall-clock s | fine-equiv epochs | "
-           f"compute to {100 * target:.1f}% | wall-clock to {100 * target:.1f}% | speedup |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           f"compute to {100 * target:.1f}% | wall-clock to {100 * target:.1f}% | speedup (compute) "
+           "| speedup (wall-clock) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['run']} | {r['kind']} | {r['init']} | "
                    f"{_fmt(r['final_val_accuracy'], '{:.4f}')} | {_fmt(r['wallclock_s'], '{:.0f}')} | "
                    f"{_fmt(r['fine_equiv_epochs'], '{:.2f}')} | {_fmt(r['compute_to_target'], '{:.2f}')} "
-                   f"| {_fmt(r['wallclock_to_target'], '{:.0f}')} | {_fmt(r['speedup'], '{:.2f}x')} |")
+                   f"| {_fmt(r['wallclock_to_target'], '{:.0f}')} | {_fmt(r['speedup'], '{:.2f}x')} "
+                   f"| {_fmt(r['wallclock_speedup'], '{:.2f}x')} |")
     return "\n".join(out)
+
+
+def unique_labels(curves: list[RunCurve]) -> None:
+    """Runs of the same schedule (repeats) get their start order and run id in the label."""
+    names = [c.label for c in curves]
+    for c in curves:
+        if names.count(c.label) > 1:
+            c.label_suffix = f" #{c.run_id[:6]}"
 
 
 def _save_figure(fig, axes, path: Path) -> Path:
@@ -136,15 +154,41 @@ def _save_figure(fig, axes, path: Path) -> Path:
     return path
 
 
-def _curves_plot(curves: list[RunCurve], x: str, xlabel: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for c in curves:
-        pts = [p for p in c.points if x in p]
-        if pts:
-            ax.plot([p[x] for p in pts], [100 * p["val_accuracy"] for p in pts], "o-", label=c.label)
+def _curves_plot(curves: list[RunCurve], x: str, xlabel: str, path: Path, target: float) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    draw_curves(ax, curves, x, target)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel("validation accuracy (%), on each level's own images")
+    ax.set_title(f"Validation accuracy against {xlabel}")
     return _save_figure(fig, [ax], path)
+
+
+def draw_curves(ax, curves: list[RunCurve], x: str, target: float) -> None:
+    """Validation accuracy against ``x``: one line per level, so a handover is a break (dotted,
+    marked) and not a drop along one line. Each run has a colour; its coarser levels are lighter
+    shades of it and each level's resolution is in the legend (a coarse level's accuracy is on
+    coarse images: another task). A dashed line at ``target``."""
+    colours = plt.get_cmap("tab10")
+    for j, c in enumerate(curves):
+        pts = [p for p in c.points if x in p]
+        stages = list(dict.fromkeys(p.get("stage") for p in pts))
+        finest = max((p["n"] for p in pts), default=1)
+        prev = None
+        for stage in stages:
+            seg = [p for p in pts if p.get("stage") == stage]
+            n = seg[0]["n"]
+            shade = 0.35 + 0.65 * n / finest
+            colour = tuple(1 - shade * (1 - v) for v in colours(j % 10)[:3])
+            label = f"{c.label} @ {n}x{n}" if len(stages) > 1 else c.label
+            ax.plot([p[x] for p in seg], [100 * p["val_accuracy"] for p in seg], "o-", ms=3,
+                    color=colour, label=label)
+            if prev is not None:  # the handover: previous level's last point -> this level's first
+                ax.plot([prev[x], seg[0][x]], [100 * prev["val_accuracy"], 100 * seg[0]["val_accuracy"]],
+                        ":", color=colour)
+                ax.annotate(f"{prev['n']}->{n}", (seg[0][x], 100 * seg[0]["val_accuracy"]),
+                            fontsize=6, xytext=(3, -10), textcoords="offset points")
+            prev = seg[-1]
+    ax.axhline(100 * target, color="grey", ls="--", lw=0.8, label=f"target {100 * target:.1f}%")
 
 
 def _depth_plot(curves: list[RunCurve], path: Path) -> Path | None:
@@ -212,9 +256,11 @@ def fig1_kernels(path: Path, image: torch.Tensor | None = None) -> Path:
 def make_report(experiment: str = "mscnn", out: str = "outputs/report", target: float = 0.9,
                 filter_string: str = "", log_to_mlflow: bool = True, unfinished: bool = False) -> dict:
     """Build the table and plots from MLflow runs (FINISHED ones unless ``unfinished``); returns
-    ``{"rows", "table", "plots"}``."""
+    ``{"rows", "table", "plots"}``. The report itself is a run of ``<experiment>-reports``, so the
+    schedules' experiment holds only schedules."""
     tracker = Tracker(experiment)
     curves = collect_runs(experiment, tracker, filter_string, unfinished)
+    unique_labels(curves)
     if not curves:
         raise ValueError(f"no schedule runs in MLflow experiment {experiment!r} at {tracker.uri}"
                          + (f" matching {filter_string!r}" if filter_string else ""))
@@ -224,15 +270,18 @@ def make_report(experiment: str = "mscnn", out: str = "outputs/report", target: 
     table = markdown(rows, target)
     (outdir / "comparison.md").write_text(table + "\n")
     (outdir / "comparison.json").write_text(json.dumps(rows, indent=1))
-    plots = [_curves_plot(curves, "wallclock", "wall-clock (s)", outdir / "val_acc_vs_wallclock.png"),
+    plots = [_curves_plot(curves, "wallclock", "wall-clock (s)", outdir / "val_acc_vs_wallclock.png",
+                          target),
              _curves_plot(curves, "fine_equiv_epochs", "fine-grid-equivalent epochs",
-                          outdir / "val_acc_vs_compute.png"),
+                          outdir / "val_acc_vs_compute.png", target),
              _depth_plot(curves, outdir / "depth_loss.png"),
              fig1_kernels(outdir / "fig1_kernels.png")]
     plots = [p for p in plots if p]
     if log_to_mlflow:
-        run = tracker.start_run("report", tags={"kind": "report", "target": str(target)},
+        reports = Tracker(f"{experiment}-reports", tracker.uri)
+        run = reports.start_run("report", tags={"kind": "report", "target": str(target),
+                                                "experiment": experiment},
                                 params={"filter": filter_string or "(all)", "runs": len(curves)})
-        tracker.log_artifacts(run, outdir)
-        tracker.end_run(run)
+        reports.log_artifacts(run, outdir)
+        reports.end_run(run)
     return {"rows": rows, "table": table, "plots": [str(p) for p in plots]}

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["exclusive", "init_ray", "require_ray"]
+__all__ = ["exclusive", "init_ray", "require_ray", "resolve_address"]
 
 
 def init_ray(address: str | None = None, quiet: bool = False, num_cpus: int | None = None) -> None:
@@ -29,12 +29,49 @@ def init_ray(address: str | None = None, quiet: bool = False, num_cpus: int | No
         ray.data.DataContext.get_current().enable_progress_bars = False
         for name in ("ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("ray").setLevel(logging.ERROR)  # start-up notices; --verbose shows them
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # store creation notices
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    local = {} if address else {"include_dashboard": False,
-                                **({"num_cpus": num_cpus} if num_cpus else {})}
+    address = resolve_address(address or os.environ.get("RAY_ADDRESS"))
+    local = {} if address != "local" else {"include_dashboard": False,
+                                           **({"num_cpus": num_cpus} if num_cpus else {})}
     ray.init(address=address, log_to_driver=not quiet, **local)
+
+
+def _answers(host_port: str, timeout: float) -> bool:
+    host, _, port = host_port.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def resolve_address(address: str | None, timeout: float = 10.0) -> str:
+    """The address to give ``ray.init``, checked within ``timeout`` seconds (``ray.init`` itself
+    retries a dead head for minutes): a ``host:port`` or ``ray://`` address must answer, else
+    ``RuntimeError`` naming it; ``None``/``"auto"`` join the cluster that ``ray start`` recorded on
+    this machine if its head answers, and otherwise (no cluster, or a stale record of a dead one)
+    start a local Ray (``"local"``)."""
+    from ray._private.utils import get_ray_address_file
+
+    if address in (None, "auto"):
+        recorded = Path(get_ray_address_file(None))
+        head = recorded.read_text().strip() if recorded.is_file() else ""
+        if head and _answers(head, timeout):
+            return head
+        if address == "auto":
+            raise RuntimeError(f"address auto: no running Ray cluster recorded in {recorded}"
+                               + (f" (its head {head} does not answer)" if head else ""))
+        return "local"
+    if address == "local" or address.startswith(("http://", "https://")):
+        return address
+    target = address.split("://", 1)[-1]
+    if not _answers(target, timeout):
+        raise RuntimeError(f"no Ray head answers at {address} (tried for {timeout:.0f} s): is the "
+                           "cluster up, and is RAY_ADDRESS / --address right?")
+    return address
 
 
 def require_ray(what: str) -> None:

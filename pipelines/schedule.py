@@ -14,21 +14,23 @@ every level with a ``done.json`` and resumes at the first unfinished one.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from mscnn.checkpoint import load_checkpoint, save_checkpoint
 from mscnn.mge import mge_pixels
 from mscnn.models import cost, handover
 from pipelines.config import ScheduleConfig
-from pipelines.pyramid import build_pyramid, level_for, read_manifest
+from pipelines.pyramid import build_pyramid, input_scale, level_for, read_manifest
 from pipelines.runtime import exclusive, require_ray
 from pipelines.stage import StageSpec, run_stage
-from pipelines.tracking import Tracker
+from pipelines.tracking import Tracker, git_tags
 
 __all__ = ["LevelOutcome", "run_level", "run_schedule", "stage_name"]
 
@@ -78,6 +80,7 @@ class LevelOutcome:
     wallclock_end: float
     compute_end: float
     global_epoch_end: int
+    devices: list[str] = field(default_factory=list)  # each worker's torch device, rank order
 
     @classmethod
     def read(cls, path: Path) -> LevelOutcome:
@@ -97,6 +100,8 @@ class _Run:
     ref_cost: float
     extra: dict
     train_callbacks: Callable[[], list] | None
+    progress: Callable[[str, dict], None] | None = None  # (stage, metrics) after each epoch
+    data: dict = field(default_factory=dict)  # how the inputs were made: into every checkpoint
 
     def save_ids(self) -> None:
         _write_json(self.run_dir / "mlflow.json", self.ids)
@@ -108,7 +113,7 @@ def run_level(run: _Run, i: int, prev: LevelOutcome | None, log: Callable[[str],
     cfg, lv, name = run.cfg, run.cfg.levels[i], stage_name(run.cfg, i)
     mcfg, chash = cfg.model_config_for(i), cfg.config_hash()
     init, lineage = None, {"schedule": cfg.name, "config_hash": chash, "stage": name,
-                           "level": i, "from": None, "transfers": []}
+                           "level": i, "from": None, "transfers": [], "data": run.data}
     if prev is not None and lv.init == "transfer" and not cfg.random_init:
         moved, transfers = _transfer(load_checkpoint(prev.checkpoint)[0], cfg, i)
         lineage |= {"from": prev.checkpoint, "transfers": transfers}
@@ -118,12 +123,17 @@ def run_level(run: _Run, i: int, prev: LevelOutcome | None, log: Callable[[str],
         + (f", steps {steps}" if steps else f", {cfg.model.arch}")
         + f", from {' + '.join(lineage['transfers']) or 'random weights'}")
     run_id = run.ids.get(name) or run.tracker.start_run(
-        name, parent_id=run.ids["parent"],
-        tags={"kind": cfg.kind, "config_hash": chash, "stage": name, "level": str(i)},
+        f"{cfg.name}/{name}", parent_id=run.ids["parent"],
+        tags={"kind": cfg.kind, "config_hash": chash, "stage": name, "level": str(i),
+              "schedule": cfg.name, "n": str(lv.n)},
         params={"n": lv.n, "steps": steps, "arch": cfg.model.arch, "epochs": lv.epochs,
                 "optim": lv.optim.model_dump(), "patience": lv.patience, "init": lv.init,
                 "transfers": lineage["transfers"], "pyramid_level": run.pyramid_levels[i],
                 "estimator": lv.estimator.model_dump() if lv.estimator else None})
+    if name not in run.ids:
+        run.tracker.log_dataset(run_id, run.pyramid, f"pyramid/{run.pyramid.name}",
+                                run.data["config_hash"], context=f"train: level {run.pyramid_levels[i]} "
+                                                                 f"({lv.n}x{lv.n})")
     run.ids[name] = run_id
     run.save_ids()
     spec = StageSpec(
@@ -134,11 +144,13 @@ def run_level(run: _Run, i: int, prev: LevelOutcome | None, log: Callable[[str],
         compute_offset=prev.compute_end if prev else 0.0,
         compute_per_epoch=cost(mcfg) / run.ref_cost * _mge_share(lv), extra=run.extra,
         mge={"sizes": lv.mge_sizes(), "batch_sizes": lv.estimator.batch_sizes} if lv.estimator else None)
-    mlflow = {"uri": run.tracker.uri, "experiment": cfg.experiment, "run_id": run_id}
+    mlflow = {"uri": run.tracker.uri, "experiment": cfg.experiment, "run_id": run_id,
+              "parent_id": run.ids["parent"]}
     try:  # Ray Train V2 raises on failure: the level's run ends FAILED (KILLED on Ctrl-C)
         result = run_stage(spec, str(run.pyramid), str(run.run_dir), cfg.scaling.model_dump(),
                            cfg.max_failures, mlflow, cfg.materialize_data,
-                           run.train_callbacks() if run.train_callbacks else None)
+                           run.train_callbacks() if run.train_callbacks else None,
+                           (lambda m: run.progress(name, m)) if run.progress else None)
     except BaseException as e:
         run.tracker.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
@@ -154,34 +166,45 @@ def run_level(run: _Run, i: int, prev: LevelOutcome | None, log: Callable[[str],
         stage=name, level=i, n=lv.n, steps=steps, epochs_run=len(history),
         best_val_accuracy=max(h["val_accuracy"] for h in history), seconds=state["seconds"],
         checkpoint=str(best_dir), history=history, init=state.get("init", {}),
-        nodes=state.get("nodes", []), wallclock_end=last["wallclock"],
+        nodes=state.get("nodes", []), devices=state.get("devices", []), wallclock_end=last["wallclock"],
         compute_end=last["fine_equiv_epochs"], global_epoch_end=last["global_epoch"] + 1)
     run.tracker.log_metrics(run_id, {"best_val_accuracy": out.best_val_accuracy,
                                      "epochs_run": out.epochs_run}, step=out.global_epoch_end)
+    run.tracker.set_tags(run_id, {"devices": ",".join(sorted(set(out.devices))),
+                                  "workers": str(len(out.devices))})
     run.tracker.log_artifacts(run_id, best_dir, "checkpoint")
     run.tracker.end_run(run_id)
     _write_json(run.run_dir / f"{name}.done.json", asdict(out))
     log(f"    best val accuracy {out.best_val_accuracy:.4f} after {out.epochs_run} epoch(s), "
-        f"{out.seconds:.0f} s")
+        f"{out.seconds:.0f} s, on {', '.join(sorted(set(out.devices))) or '?'} "
+        f"({len(out.devices)} worker(s))")
     return out
 
 
 def run_schedule(cfg: ScheduleConfig, log: Callable[[str], None] = print,
                  extra: dict | None = None, tags: dict | None = None,
-                 train_callbacks: Callable[[], list] | None = None) -> dict:
+                 train_callbacks: Callable[[], list] | None = None,
+                 progress: Callable[[str, dict], None] | None = None, fresh: bool = False) -> dict:
     """Run (or resume) every level of ``cfg`` (``run_level`` each, skipping the finished ones);
     returns the results (also ``results.json``). ``extra`` goes into every stage's spec (test-only
     switches); ``tags`` go on the MLflow parent run; ``train_callbacks()`` makes Ray Train
-    callbacks per stage. Ray must be started (``pipelines.runtime.init_ray``)."""
+    callbacks per stage; ``progress(stage, metrics)`` is called after each epoch; ``fresh``
+    discards this schedule's earlier outputs (finished levels, checkpoints) first, under its lock.
+    Ray must be started (``pipelines.runtime.init_ray``)."""
     require_ray("run_schedule")
     chash = cfg.config_hash()
     run_dir = Path(cfg.storage_path).resolve() / f"{cfg.name}-{chash}"
     with exclusive(run_dir / ".lock", f"schedule {cfg.name} ({run_dir})"):
-        return _run_schedule(cfg, run_dir, chash, log, extra, tags, train_callbacks)
+        if fresh:
+            for old in run_dir.iterdir():
+                if old.name != ".lock":
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
+            log(f"--fresh: removed the earlier outputs in {run_dir}")
+        return _run_schedule(cfg, run_dir, chash, log, extra, tags, train_callbacks, progress)
 
 
 def _run_schedule(cfg: ScheduleConfig, run_dir: Path, chash: str, log, extra, tags,
-                  train_callbacks) -> dict:
+                  train_callbacks, progress) -> dict:
     pyramid, built = build_pyramid(cfg.pyramid, Path(cfg.pyramid_root).resolve())
     log(f"pyramid {pyramid} ({'built' if built else 'up to date'})")
     manifest = read_manifest(pyramid)
@@ -189,14 +212,20 @@ def _run_schedule(cfg: ScheduleConfig, run_dir: Path, chash: str, log, extra, ta
     tracker = Tracker(cfg.experiment)
     ids_file = run_dir / "mlflow.json"
     ids = json.loads(ids_file.read_text()) if ids_file.exists() else {}
+    data = {"input_scale": input_scale(manifest), "classes": manifest["source"]["classes"],
+            "sigma": manifest["sigma"], "pair": manifest["pair"], "pyramid": pyramid.name,
+            "config_hash": manifest["config_hash"]}
     run = _Run(cfg, run_dir, pyramid, levels, tracker, ids, cost(cfg.model_config_for(len(cfg.levels) - 1)),
-               extra or {}, train_callbacks)
+               extra or {}, train_callbacks, progress, data)
     if "parent" not in ids:
         ids["parent"] = tracker.start_run(
             cfg.name, tags={"kind": cfg.kind, "config_hash": chash, "schedule": cfg.name,
-                            "init": "random" if cfg.random_init else "transfer", **(tags or {})},
+                            "init": "random" if cfg.random_init else "transfer",
+                            "resolutions": " -> ".join(str(lv.n) for lv in cfg.levels),
+                            **git_tags(), **(tags or {})},
             params=cfg.model_dump(exclude={"pyramid"}) | {"pyramid": pyramid.name})
         tracker.log_dict(ids["parent"], cfg.model_dump(), "config.json")
+        tracker.log_dataset(ids["parent"], pyramid, f"pyramid/{pyramid.name}", manifest["config_hash"])
         run.save_ids()
     t_start = time.perf_counter()
     outcomes: list[LevelOutcome] = []
@@ -219,6 +248,9 @@ def _run_schedule(cfg: ScheduleConfig, run_dir: Path, chash: str, log, extra, ta
                "fine_equiv_epochs": final.compute_end, "stages": [asdict(o) for o in outcomes],
                "driver_seconds": time.perf_counter() - t_start, "checkpoint": final.checkpoint,
                "mlflow_parent_run_id": ids["parent"]}
+    model, _ = load_checkpoint(final.checkpoint)
+    example = np.zeros((1, model.config.in_channels, final.n, final.n), np.float32)
+    results["model_uri"] = tracker.log_model(ids["parent"], model.eval(), example, cfg.register_model)
     _write_json(run_dir / "results.json", results)
     tracker.log_metrics(ids["parent"], {"final_val_accuracy": results["final_val_accuracy"],
                                         "train_seconds": results["train_seconds"],

@@ -4,25 +4,37 @@
 (``get_dataset_shard``), builds the model from Train's own checkpoint (a resumed stage), from the
 incoming prolonged checkpoint (``config["init_checkpoint"]``) or from scratch, trains with DDP
 (``prepare_model``), validates (accuracy all-reduced over workers) and reports metrics and a
-checkpoint every epoch. Rank 0 alone writes checkpoints and logs to MLflow.
+checkpoint every epoch. Rank 0 alone writes checkpoints. Workers never talk to MLflow: the
+``MlflowStageCallback`` runs in Ray Train's controller, on the driver's node, and logs each reported
+epoch once, to the level's run and to the schedule's parent run (one step axis: the global epoch),
+so a worker on another node needs no route to the tracking server.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from ray.train import UserCallback
 
 from mscnn.checkpoint import load_checkpoint, save_checkpoint
 from mscnn.models import NetConfig, build_model
 from mscnn.train import evaluate, make_step, train_epoch
 
-__all__ = ["StageSpec", "run_stage", "train_func"]
+__all__ = ["CURVES", "MlflowStageCallback", "ProgressCallback", "StageSpec", "resolve_gpu", "run_stage",
+           "train_func"]
+
+# what the stage and parent runs plot per epoch; bookkeeping (epoch, n, steps) are params and tags
+CURVES = ("train_loss", "val_loss", "val_accuracy", "images_per_s", "wallclock", "stage_seconds",
+          "fine_equiv_epochs")
 
 
 @dataclass
@@ -44,14 +56,16 @@ class StageSpec:
     compute_per_epoch: float = 1.0
     input_scale: list[float] = field(default_factory=lambda: [1.0])  # 1 / std per channel
     train_count: int = 0  # images in the level's train split (all workers)
-    mlflow: dict | None = None  # {"uri", "experiment", "run_id"}: rank 0 logs there
     mge: dict | None = None  # {"sizes", "batch_sizes"}: multilevel gradient estimation
     extra: dict = field(default_factory=dict)  # e.g. the test-only fail_once switch
 
 
 def _maybe_fail(spec: StageSpec, rank: int, step: int) -> None:
-    """Test-only switch: ``extra["fail_once"] = {"rank", "step", "marker"}`` makes that worker
-    exit hard once at that global step (the marker file, on shared storage, records it)."""
+    """Test-only switches: ``extra["fail_once"] = {"rank", "step", "marker"}`` makes that worker
+    exit hard once at that global step (the marker file, on shared storage, records it);
+    ``extra["batch_sleep"]`` seconds slow every batch (time for a test to send a signal)."""
+    if spec.extra.get("batch_sleep"):
+        time.sleep(spec.extra["batch_sleep"])
     f = spec.extra.get("fail_once")
     if f and rank == f["rank"] and step == f["step"] and not os.path.exists(f["marker"]):
         Path(f["marker"]).write_text(f"failed at step {step}\n")
@@ -80,16 +94,20 @@ def _mean_across_workers(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _all_gather(value) -> list:
+    """``value`` of every worker, in rank order."""
+    if not _dist():
+        return [value]
+    out: list = [None] * _dist().get_world_size()
+    _dist().all_gather_object(out, value)
+    return out
+
+
 def _all_nodes() -> list[str]:
     """The Ray node id of every worker, in rank order."""
     import ray
 
-    me = ray.get_runtime_context().get_node_id()
-    if not _dist():
-        return [me]
-    out: list = [None] * _dist().get_world_size()
-    _dist().all_gather_object(out, me)
-    return out
+    return _all_gather(ray.get_runtime_context().get_node_id())
 
 
 def _start(spec: StageSpec):
@@ -130,9 +148,8 @@ def _validate(model, spec: StageSpec, scale, device) -> tuple[float, float, floa
     return tuple(_all_reduce([v["loss_sum"], v["correct"], v["count"]]))
 
 
-def _report(spec: StageSpec, net, step, state: dict, metrics: dict, tracker) -> None:
-    """Rank 0 writes the checkpoint (model, step state, train state) and logs to MLflow; every
-    worker reports."""
+def _report(spec: StageSpec, net, step, state: dict, metrics: dict) -> None:
+    """Rank 0 writes the checkpoint (model, step state, train state); every worker reports."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,9 +159,86 @@ def _report(spec: StageSpec, net, step, state: dict, metrics: dict, tracker) -> 
             torch.save(step.state_dict(), Path(tmp) / "step.pt")
             (Path(tmp) / "train_state.json").write_text(json.dumps(state))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            if tracker:
-                tracker.log_metrics(spec.mlflow["run_id"], metrics, step=metrics["global_epoch"])
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class MlflowStageCallback(UserCallback):
+    """Ray Train callback, run in the Train controller (on the driver's node, never on a worker):
+    rank 0's metrics of each report go to the level's MLflow run and the ``CURVES`` also to the
+    schedule's parent run, at step ``global_epoch``. Each global epoch is logged once, also when a
+    worker group restarts or a killed driver resumes the stage (the epochs already in the level's
+    run are read back first)."""
+
+    def __init__(self, uri: str, experiment: str, run_id: str, parent_id: str | None = None) -> None:
+        self.uri, self.experiment, self.run_id, self.parent_id = uri, experiment, run_id, parent_id
+        self._tracker, self._seen = None, set()
+
+    def _open(self):
+        if self._tracker is None:
+            from pipelines.tracking import Tracker
+
+            self._tracker = Tracker(self.experiment, self.uri)
+            self._seen = {m.step for m in self._tracker.client.get_metric_history(self.run_id,
+                                                                                "val_accuracy")}
+        return self._tracker
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        m = metrics[0] if metrics else {}
+        if "global_epoch" not in m:
+            return
+        tracker, step = self._open(), int(m["global_epoch"])
+        if step in self._seen:  # an epoch reported again after a restart: logged already
+            return
+        curves = {k: m[k] for k in CURVES if k in m}
+        tracker.log_metrics(self.run_id, curves | {k: v for k, v in m.items()
+                                                   if k.startswith("init_")}, step=step)
+        if self.parent_id:
+            tracker.log_metrics(self.parent_id, curves, step=step)
+        self._seen.add(step)
+
+
+class ProgressCallback(UserCallback):
+    """Ray Train callback (in the controller, on the driver's node): after each report, rank 0's
+    metrics go to the local file ``path`` (replaced whole), which the driver polls for its
+    progress bar."""
+
+    def __init__(self, path: str, epochs: int) -> None:
+        self.path, self.epochs = path, epochs
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        if not metrics or "epoch" not in metrics[0]:
+            return
+        tmp = f"{self.path}.tmp"
+        Path(tmp).write_text(json.dumps({**metrics[0], "epochs": self.epochs}))
+        os.replace(tmp, self.path)
+
+
+def _fit_with_progress(trainer, path: Path, progress: Callable[[dict], None]):
+    """``trainer.fit()`` in a daemon thread while this thread hands each new progress record
+    (``ProgressCallback``'s file) to ``progress``; returns or raises what ``fit`` did."""
+    out: dict = {}
+
+    def fit():
+        try:
+            out["result"] = trainer.fit()
+        except BaseException as e:  # handed to the calling thread
+            out["error"] = e
+
+    t = threading.Thread(target=fit, daemon=True, name="train-fit")
+    t.start()
+    seen = None
+    while t.is_alive():
+        t.join(0.25)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            continue
+        if text != seen:
+            seen = text
+            progress(json.loads(text))
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
 
 
 def _metrics(spec: StageSpec, state: dict, epoch: int, rec: list[float]) -> dict:
@@ -176,18 +270,12 @@ def train_func(config: dict) -> None:
                      mge=spec.mge)
     if step_state:
         step.load_state_dict(step_state)
-    tracker = None
-    if rank == 0 and spec.mlflow:
-        from pipelines.tracking import Tracker
-
-        tracker = Tracker(spec.mlflow["experiment"], spec.mlflow["uri"])
     scale = torch.tensor(spec.input_scale, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     state["nodes"] = _all_nodes()  # where this stage's workers run (the last attempt)
+    state["devices"] = _all_gather(str(device))  # and on what: cpu, cuda:0, ...
     if "init" not in state:  # how good is the incoming (prolonged / interpolated / random) model?
         vloss, correct, total = _validate(model, spec, scale, device)
         state["init"] = {"init_val_loss": vloss / max(total, 1), "init_val_accuracy": correct / max(total, 1)}
-        if tracker:
-            tracker.log_metrics(spec.mlflow["run_id"], state["init"], step=spec.epoch_offset)
     step0 = state["step"]
     for epoch in range(state["epoch"] + 1, spec.epochs):
         t0 = time.perf_counter()
@@ -199,21 +287,55 @@ def train_func(config: dict) -> None:
         state["seconds"] += time.perf_counter() - t0  # training and validation
         summed = _all_reduce([rec["loss"] * rec["images"], rec["images"], rec["images_per_s"]])
         metrics = _metrics(spec, state, epoch, [summed[0], summed[1], *val, summed[2]])
+        if epoch == 0:  # the incoming network's accuracy, logged with the level's first epoch
+            metrics |= state["init"]
         state["bad_epochs"] = 0 if metrics["val_accuracy"] > state["best"] else state["bad_epochs"] + 1
         state |= {"best": max(state["best"], metrics["val_accuracy"]), "epoch": epoch}
         state["history"].append(metrics)
-        _report(spec, net, step, state, metrics, tracker)
+        _report(spec, net, step, state, metrics)
         if spec.patience is not None and state["bad_epochs"] >= spec.patience:
             break
 
 
+def resolve_gpu(scaling: dict, poll_s: float = 5.0) -> bool:
+    """Whether the stage's workers take GPUs. ``use_gpu: auto``: when the cluster has GPUs now.
+    ``true``: the workers' GPUs are requested from the autoscaler (``request_resources``, so GPU
+    nodes are added from zero) and awaited up to ``gpu_wait_s``; a cluster that never gets them is
+    a ``ValueError`` naming what was asked for."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    want, workers = scaling["use_gpu"], max(scaling["num_workers"], 1)
+    if want == "auto" or not want:
+        return bool(want) and ray.cluster_resources().get("GPU", 0) > 0
+    need = scaling["gpus_per_worker"] * workers
+    if ray.cluster_resources().get("GPU", 0) >= need:
+        return True
+    bundle = {"GPU": scaling["gpus_per_worker"], "CPU": scaling["cpus_per_worker"]}
+    request_resources(bundles=[bundle] * workers)
+    deadline = time.monotonic() + scaling["gpu_wait_s"]
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(min(poll_s, max(deadline - time.monotonic(), 0)))
+            if ray.cluster_resources().get("GPU", 0) >= need:
+                return True
+    finally:
+        request_resources(bundles=[])  # the stage's own request now holds them; let them go after
+    raise ValueError(f"scaling.use_gpu: true needs {need:g} GPU(s) ({workers} worker(s) x "
+                     f"{scaling['gpus_per_worker']:g}); the cluster has "
+                     f"{ray.cluster_resources().get('GPU', 0):g} and no GPU node came up within "
+                     f"scaling.gpu_wait_s = {scaling['gpu_wait_s']:g} s (is there a GPU node type "
+                     "in the autoscaler's config?)")
+
+
 def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
               max_failures: int, mlflow: dict | None, materialize: bool = True,
-              callbacks: list | None = None):
-    """Run one stage with ``TorchTrainer``; returns Ray Train's ``Result``. ``materialize`` reads
-    the level into Ray's object store once (fast epochs for data that fits); otherwise every
-    epoch streams the Parquet shards."""
-    import ray
+              callbacks: list | None = None, progress: Callable[[dict], None] | None = None):
+    """Run one stage with ``TorchTrainer``; returns Ray Train's ``Result``. ``mlflow``:
+    ``{"uri", "experiment", "run_id", "parent_id"}`` for ``MlflowStageCallback``. ``materialize``
+    reads the level into Ray's object store once (fast epochs for data that fits); otherwise every
+    epoch streams the Parquet shards. ``progress(metrics)`` is called on this thread after each
+    epoch (rank 0's metrics and ``epochs``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -224,21 +346,21 @@ def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
     if n_level != spec.model.n:
         raise ValueError(f"stage {spec.name}: pyramid level {spec.level} has n={n_level}, "
                          f"the model n={spec.model.n}")
-    use_gpu = scaling["use_gpu"]
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if use_gpu == "auto":
-        use_gpu = gpus > 0
-    elif use_gpu and not gpus:
-        raise ValueError("scaling.use_gpu: true, but the Ray cluster has no GPUs")
+    use_gpu = resolve_gpu(scaling)
     spec.input_scale = input_scale(manifest)
     spec.train_count = manifest["counts"]["train"]["total"]
-    spec.mlflow = mlflow
+    callbacks = [*(callbacks or []), *([MlflowStageCallback(**mlflow)] if mlflow else [])]
+    progress_file = None
+    if progress:
+        progress_file = Path(tempfile.mkdtemp(prefix="mscnn-progress-")) / "progress.json"
+        callbacks.append(ProgressCallback(str(progress_file), spec.epochs))
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(
             num_workers=scaling["num_workers"], use_gpu=use_gpu,
-            resources_per_worker={"CPU": scaling["cpus_per_worker"]},
+            resources_per_worker={"CPU": scaling["cpus_per_worker"],
+                                  **({"GPU": scaling["gpus_per_worker"]} if use_gpu else {})},
             placement_strategy=scaling["placement_strategy"],
         ),
         run_config=RunConfig(
@@ -250,4 +372,9 @@ def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
         datasets={s: ds.materialize() if materialize else ds
                   for s, ds in ((s, load_level(pyramid, spec.level, s)) for s in ("train", "val"))},
     )
-    return trainer.fit()
+    if not progress:
+        return trainer.fit()
+    try:
+        return _fit_with_progress(trainer, progress_file, progress)
+    finally:
+        shutil.rmtree(progress_file.parent, ignore_errors=True)

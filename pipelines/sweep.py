@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pipelines.config import ScheduleConfig, apply_overrides, load_config
-from pipelines.runtime import require_ray
+from pipelines.runtime import exclusive, require_ray
 from pipelines.tracking import Tracker, tracking_uri
 
 __all__ = ["SweepConfig", "load_sweep", "run_sweep"]
@@ -155,11 +155,17 @@ def load_sweep(path: str | os.PathLike, overrides: dict | None = None) -> SweepC
 
 
 def run_sweep(sweep: SweepConfig, log=print) -> dict:
-    """Run (or continue) the sweep; returns ``{"best": ..., "trials": [...], "best_config": path}``."""
-    from ray import tune
-
+    """Run (or continue) the sweep; returns ``{"best": ..., "trials": [...], "best_config": path}``.
+    One run of a sweep at a time: a second refuses, naming the holder."""
     require_ray("run_sweep")
     storage = Path(sweep.storage_path).resolve()
+    with exclusive(storage / f".{sweep.name}.lock", f"sweep {sweep.name} ({storage})"):
+        return _run_sweep(sweep, storage, log)
+
+
+def _run_sweep(sweep: SweepConfig, storage: Path, log) -> dict:
+    from ray import tune
+
     path = storage / sweep.name
     uri = tracking_uri()
     tracker = Tracker(sweep.experiment, uri)

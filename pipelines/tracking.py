@@ -14,7 +14,7 @@ from typing import Any
 
 from pipelines.runtime import exclusive
 
-__all__ = ["Tracker", "flatten", "tracking_uri"]
+__all__ = ["Tracker", "flatten", "git_tags", "tracking_uri"]
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -25,15 +25,39 @@ def tracking_uri(uri: str | None = None) -> str:
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
-    """``{"a": {"b": 1}} -> {"a.b": "1"}`` (MLflow params are flat strings, 6000 chars at most)."""
+    """MLflow params are flat strings (6000 chars at most): nested dicts and lists of dicts become
+    dotted keys, other lists JSON.
+
+    >>> flatten({"a": {"b": 1}, "levels": [{"n": 14}, {"n": 28}], "steps": [1, 2]})
+    {'a.b': '1', 'levels.0.n': '14', 'levels.1.n': '28', 'steps': '[1, 2]'}
+    """
     out: dict[str, str] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
+        if isinstance(v, list | tuple) and v and all(isinstance(x, dict) for x in v):
+            v = {str(i): x for i, x in enumerate(v)}
         if isinstance(v, dict):
             out.update(flatten(v, key + "."))
         else:
             out[key] = json.dumps(v) if isinstance(v, list | tuple) else str(v)
     return {k: v[:6000] for k, v in out.items()}
+
+
+def git_tags(root: str | os.PathLike | None = None) -> dict[str, str]:
+    """MLflow's own source tags for the code that runs: the git commit (``-dirty`` when the tree
+    has changes) and the repository; empty outside a git checkout (e.g. a pip install)."""
+    import subprocess
+
+    root = Path(root or Path(__file__).resolve().parents[1])
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(dirty)).lower(),
+            "mlflow.source.name": str(root)}
 
 
 class Tracker:
@@ -105,6 +129,39 @@ class Tracker:
 
     def log_dict(self, run_id: str, data: dict, name: str) -> None:
         self.client.log_dict(run_id, data, name)
+
+    def log_model(self, run_id: str, model, input_example, registered_name: str | None = None) -> str:
+        """``mlflow.pytorch.log_model`` into run ``run_id``, with the signature inferred from
+        ``input_example`` (a numpy batch) and pinned requirements (no slow inference of them);
+        registered as ``registered_name`` when given. Returns the model's URI."""
+        import mlflow
+        import mlflow.pytorch
+        import torch
+
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                model, name="model", input_example=input_example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mscnn"],
+                registered_model_name=registered_name)
+        return info.model_uri
+
+    def log_dataset(self, run_id: str, path: str | os.PathLike, name: str, digest: str,
+                    context: str = "train") -> None:
+        """Record a pyramid as the run's MLflow dataset input (the Datasets column and the run's
+        Inputs): its location, name and content digest (the manifest's config hash)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        ds = MetaDataset(resolve_dataset_source(str(path)), name=name, digest=digest[:36])
+        self.client.log_inputs(run_id, datasets=[DatasetInput(
+            ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)

@@ -161,3 +161,110 @@ def test_processes_opening_a_fresh_mlflow_store_at_once_all_succeed(tmp_path):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("race")
     assert len(client.search_runs([exp.experiment_id])) == 3
+
+
+def _idx(path, arr: np.ndarray) -> None:
+    arr = np.asarray(arr, np.uint8)
+    head = bytes([0, 0, 8, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
+    path.write_bytes(gzip.compress(head + arr.tobytes()))
+
+
+def test_any_idx_data_set_without_code(tmp_path):
+    """``source.kind: idx``: another data set's IDX files by name, its class names recorded."""
+    rng = np.random.default_rng(0)
+    _idx(tmp_path / "tr-img.gz", rng.integers(0, 255, (40, 8, 8)))
+    _idx(tmp_path / "tr-lab.gz", np.arange(40) % 3)
+    _idx(tmp_path / "te-img.gz", rng.integers(0, 255, (6, 8, 8)))
+    _idx(tmp_path / "te-lab.gz", np.arange(6) % 3)
+    cfg = PyramidConfig.model_validate({
+        "name": "shapes", "levels": 2, "n_val": 10,
+        "source": {"kind": "idx", "path": str(tmp_path), "class_names": ["a", "b", "c"],
+                   "idx": {"train": ["tr-img.gz", "tr-lab.gz"], "test": ["te-img.gz", "te-lab.gz"]}}})
+    info, checksums, splits = _load_source(cfg)
+    assert info["classes"] == ["a", "b", "c"] and info["kind"] == "idx"
+    assert {k: v[0].shape for k, v in splits.items()} == {
+        "train": (30, 1, 8, 8), "val": (10, 1, 8, 8), "test": (6, 1, 8, 8)}
+    assert sorted(checksums) == ["te-img.gz", "te-lab.gz", "tr-img.gz", "tr-lab.gz"]
+    # without class names: 0..max label; a label beyond the names is an error naming the file
+    no_names = cfg.model_copy(update={"source": cfg.source.model_copy(update={"class_names": None})})
+    assert _load_source(no_names)[0]["classes"] == ["0", "1", "2"]
+    two = cfg.model_copy(update={"source": cfg.source.model_copy(update={"class_names": ["a", "b"]})})
+    with pytest.raises(ValueError, match=r"tr-lab\.gz: labels must be in 0\.\.1 \(2 classes\); found \[2\]"):
+        _load_source(two)
+    with pytest.raises(FileNotFoundError, match=r"source\.idx: .*te-img\.gz not found"):
+        (tmp_path / "te-img.gz").unlink()
+        _load_source(cfg)
+    with pytest.raises(ValueError, match=r"kind 'idx' needs path"):
+        SourceConfig(kind="idx", path=str(tmp_path))
+
+
+def test_a_source_field_added_later_keeps_old_hashes_when_unset():
+    """``idx``/``class_names`` (added after pyramids and schedules were hashed) enter the hashes
+    only when set: a pyramid or schedule that does not use them keeps its identity."""
+    cfg = PyramidConfig(name="m", source=SourceConfig(kind="synthetic"))
+    assert "idx" not in cfg.identity()["source"] and "class_names" not in cfg.identity()["source"]
+
+
+def test_a_dead_ray_head_is_a_clear_error_within_seconds(tmp_path, monkeypatch):
+    """``ray.init`` retries a dead head for minutes (over 200 s measured here); ``init_ray``
+    checks the address first. A stale record of a dead ``ray start`` cluster means a local Ray."""
+    import socket
+    import time
+
+    from pipelines.runtime import resolve_address
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=rf"no Ray head answers at {dead} \(tried for 2 s\)"):
+        resolve_address(dead, timeout=2)
+    assert time.perf_counter() - t0 < 10
+    record = tmp_path / "ray_current_cluster"
+    record.write_text(dead)
+    monkeypatch.setattr("ray._private.utils.get_ray_address_file", lambda temp_dir: str(record))
+    assert resolve_address(None, timeout=2) == "local"
+    with pytest.raises(RuntimeError, match=r"address auto: no running Ray cluster .* does not answer"):
+        resolve_address("auto", timeout=2)
+    with socket.socket() as live:  # a head that answers is joined
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        record.write_text(f"127.0.0.1:{live.getsockname()[1]}")
+        assert resolve_address(None, timeout=2) == record.read_text()
+
+
+@pytest.mark.ray
+def test_use_gpu_true_asks_the_autoscaler_and_fails_clearly_when_no_gpu_comes(local_ray):
+    """On a cluster whose GPU nodes are not up (here: none at all), ``use_gpu: true`` requests
+    them and waits ``gpu_wait_s``, then names what it asked for; ``auto`` trains on the CPUs."""
+    import time
+
+    from pipelines.stage import resolve_gpu
+
+    scaling = {"use_gpu": True, "num_workers": 2, "gpus_per_worker": 0.5, "cpus_per_worker": 1,
+               "gpu_wait_s": 2}
+    t0 = time.monotonic()
+    want = (r"use_gpu: true needs 1 GPU\(s\) \(2 worker\(s\) x 0\.5\); the cluster has 0 and no "
+            r"GPU node came up within scaling\.gpu_wait_s = 2 s")
+    with pytest.raises(ValueError, match=want):
+        resolve_gpu(scaling, poll_s=0.5)
+    assert 2 <= time.monotonic() - t0 < 10
+    assert resolve_gpu(scaling | {"use_gpu": "auto"}) is False
+    assert resolve_gpu(scaling | {"use_gpu": False}) is False
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_source_path_is_given_once(local_ray, tmp_path, monkeypatch):
+    """The first build records where its images were; a later build (every ``mscnn train``)
+    without ``--data-dir`` finds them there and the pyramid is up to date."""
+    monkeypatch.delenv("MSCNN_DATA_DIR", raising=False)
+    _folder(tmp_path / "data", {"a": 5, "b": 5})
+    cfg = PyramidConfig(name="f", levels=2, source=SourceConfig(kind="folder", path=str(tmp_path / "data"),
+                                                                 size=8))
+    path, built = build_pyramid(cfg, tmp_path / "pyr")
+    assert built
+    no_path = cfg.model_copy(update={"source": cfg.source.model_copy(update={"path": None})})
+    assert build_pyramid(no_path, tmp_path / "pyr") == (path, False)
+    with pytest.raises(ValueError, match=r"source\.path: required for kind 'folder'"):
+        build_pyramid(no_path, tmp_path / "elsewhere")  # nothing recorded there

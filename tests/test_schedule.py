@@ -104,6 +104,26 @@ def test_mlflow_holds_the_parent_the_stage_runs_their_curves_and_artifacts(two_l
     hist = client.get_metric_history(kids[0].info.run_id, "val_accuracy")
     assert sorted(m.step for m in hist) == [0, 1]
     assert [m.step for m in client.get_metric_history(kids[1].info.run_id, "train_loss")] == [2]
+    # the parent run carries every epoch's curve on the same axis; bookkeeping is not a metric
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "val_accuracy")] == [0, 1, 2]
+    assert not {"epoch", "n", "steps", "global_epoch"} & set(kids[0].data.metrics)
+    assert kids[0].data.params["n"] == "8" and kids[0].info.run_name == f"{cfg.name}/L0-n8-N1"
+    assert parent.data.params["levels.1.n"] == "16" and parent.data.tags["resolutions"] == "8 -> 16"
+    assert "init_val_accuracy" in kids[1].data.metrics
+    inputs = client.get_run(parent.info.run_id).inputs.dataset_inputs
+    assert [d.dataset.name for d in inputs] == ["pyramid/syn"]
+    assert client.get_run(kids[1].info.run_id).inputs.dataset_inputs[0].tags[0].value == \
+        "train: level 0 (16x16)"
+    # the final model as an MLflow model (signature from an input example), loadable as it was
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(two_level.uri)
+    logged = mlflow.pytorch.load_model(res["model_uri"])
+    final, _ = load_checkpoint(res["checkpoint"])
+    x = torch.randn(3, 1, 16, 16)
+    torch.testing.assert_close(logged(x), final(x), rtol=0, atol=0)
+    info = mlflow.models.get_model_info(res["model_uri"])
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 1, 16, 16]
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.json", "final_checkpoint", "config.json"} <= arts
     assert {a.path for a in client.list_artifacts(kids[1].info.run_id, "checkpoint")} == {
@@ -173,15 +193,125 @@ def test_worker_failure_mid_stage_is_recovered_without_losing_epochs(local_ray, 
     # itself (a restart from scratch, or without the optimiser's state, counts fewer). Epoch 1 may
     # run twice: Ray Train V2 can lose a checkpoint reported just before a worker dies, and the
     # MLflow point of that epoch, logged by rank 0 before the report, is then logged again.
-    client = MlflowClient(mlflow_uri)
-    stage_run = client.search_runs([client.get_experiment_by_name("test").experiment_id],
-                                   "tags.stage = 'L0-n16-N1'")[0]
-    steps = [m.step for m in client.get_metric_history(stage_run.info.run_id, "train_loss")]
-    assert steps.count(0) == 1 and set(steps) == {0, 1, 2, 3} and len(steps) <= 5
+    _assert_resumed(cfg, mlflow_uri, epochs=4, steps_per_epoch=3)
+
+
+def _assert_resumed(cfg, uri: str, epochs: int, steps_per_epoch: int) -> None:
+    """The stage of ``cfg`` went on from its checkpoint after a failure, it did not start over:
+    Ray Train persisted one checkpoint per epoch run (a restart from scratch persists the first
+    epochs again: more folders; one more is allowed, the epoch whose checkpoint V2 lost as the
+    worker died), the optimiser's own step count is that of ``epochs`` epochs (a resume without its
+    state counts fewer), and MLflow holds every epoch once on the global axis, in the level's run
+    and in the parent's."""
     d = _run_dir(cfg) / f"{cfg.name}-{cfg.config_hash()}-L0-n16-N1"
-    last = sorted(p for p in d.glob("checkpoint_*") if p.is_dir())[-1]
-    adam = torch.load(last / "step.pt", weights_only=True)["optimizer"]["state"]
-    assert {int(v["step"]) for v in adam.values()} == {4 * 3}
+    ckpts = sorted(p for p in d.glob("checkpoint_*") if p.is_dir())
+    assert epochs <= len(ckpts) <= epochs + 1, [p.name for p in ckpts]
+    adam = torch.load(ckpts[-1] / "step.pt", weights_only=True)["optimizer"]["state"]
+    assert {int(v["step"]) for v in adam.values()} == {epochs * steps_per_epoch}
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("test").experiment_id
+    stage_run = client.search_runs([exp], "tags.stage = 'L0-n16-N1'")[0]
+    parent = client.get_run(stage_run.data.tags["mlflow.parentRunId"])
+    for run in (stage_run, parent):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+        assert sorted(steps) == list(range(epochs)), steps
+    assert parent.info.status == stage_run.info.status == "FINISHED"
+
+
+def _epochs_logged(uri: str, stage: str) -> int:
+    """Epochs of ``stage`` in MLflow: the driver-side callback logs an epoch once Ray Train has
+    registered its checkpoint (a checkpoint folder appears earlier, while it is being written)."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("test")
+    runs = client.search_runs([exp.experiment_id], f"tags.stage = '{stage}'") if exp else []
+    return len(client.get_metric_history(runs[0].info.run_id, "val_accuracy")) if runs else 0
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of live Ray Train worker processes (Ray names them ``ray::RayTrainWorker...``)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and (d / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                out.append(int(d.name))
+        except OSError:
+            pass
+    return sorted(out)
+
+
+def test_a_worker_killed_by_sigkill_mid_level_resumes_from_its_checkpoint(local_ray, tmp_path,
+                                                                            mlflow_uri):
+    """A real signal from outside: SIGKILL to one of the two Train worker processes once two
+    epochs are checkpointed; the stage goes on from the checkpoint and ends with every epoch once."""
+    import os
+    import signal
+    import threading
+    import time
+
+    cfg = _cfg(tmp_path, [{"n": 16, "steps": 1, "epochs": 6, "optim": {"batch_size": 32}}],
+               kind="single", name="sigkill", scaling={"num_workers": 2}, max_failures=1)
+    d = _run_dir(cfg) / f"{cfg.name}-{cfg.config_hash()}-L0-n16-N1"
+    killed: dict = {}
+
+    def killer():
+        end = time.time() + 400
+        while time.time() < end and not killed:
+            pids = _train_worker_pids()
+            if _epochs_logged(mlflow_uri, "L0-n16-N1") >= 2 and len(pids) == 2:
+                os.kill(pids[-1], signal.SIGKILL)
+                killed.update(pid=pids[-1], checkpoints=len(list(d.glob("checkpoint_*"))))
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    res = run_schedule(cfg, log=lambda s: None, extra={"batch_sleep": 0.15})
+    t.join(5)
+    assert killed and 2 <= killed["checkpoints"] < 6, killed
+    assert [h["epoch"] for h in res["stages"][0]["history"]] == list(range(6))
+    _assert_resumed(cfg, mlflow_uri, epochs=6, steps_per_epoch=3)
+
+
+def test_a_driver_killed_by_sigkill_mid_level_resumes_when_rerun(local_ray, tmp_path, mlflow_uri):
+    """The schedule's driver, a process of its own joined to this Ray, is SIGKILLed once two epochs
+    are checkpointed (its Train controller and workers die with it); running it again resumes the
+    level from the checkpoint, and MLflow ends with every epoch once in the same runs."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+    import yaml
+
+    cfg = _cfg(tmp_path, [{"n": 16, "steps": 1, "epochs": 6, "optim": {"batch_size": 32}}],
+               kind="single", name="drvkill", scaling={"num_workers": 1})
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    driver = ("import sys, yaml\n"
+              "from pipelines.config import ScheduleConfig\n"
+              "from pipelines.runtime import init_ray\n"
+              "from pipelines.schedule import run_schedule\n"
+              "init_ray(sys.argv[2])\n"
+              "cfg = ScheduleConfig.model_validate(yaml.safe_load(open(sys.argv[1])))\n"
+              "run_schedule(cfg, extra={'batch_sleep': float(sys.argv[3])})\n")
+    gcs = ray.get_runtime_context().gcs_address
+    d = _run_dir(cfg) / f"{cfg.name}-{cfg.config_hash()}-L0-n16-N1"
+    args = [sys.executable, "-c", driver, str(tmp_path / "cfg.yaml"), gcs]
+    first = subprocess.Popen([*args, "0.3"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    end = time.time() + 300
+    while time.time() < end and _epochs_logged(mlflow_uri, "L0-n16-N1") < 2 and first.poll() is None:
+        time.sleep(0.05)
+    seen = len(list(d.glob("checkpoint_*")))
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    assert 2 <= seen < 6, (seen, first.stderr.read()[-3000:])
+    assert not (_run_dir(cfg) / "results.json").exists()
+    time.sleep(3)  # the dead driver's Train controller and workers go with its job
+    again = subprocess.run([*args, "0"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    res = json.loads((_run_dir(cfg) / "results.json").read_text())
+    assert [h["epoch"] for h in res["stages"][0]["history"]] == list(range(6))
+    _assert_resumed(cfg, mlflow_uri, epochs=6, steps_per_epoch=6)  # 192 images / 32, one worker
 
 
 def test_bad_schedule_configs_name_the_field(tmp_path):

@@ -111,7 +111,9 @@ def test_the_report_reads_the_trials_back_from_mlflow(tiny):
     assert all(r["compute_to_target"] == pytest.approx(1.0) for r in rep["rows"])
     for p in rep["plots"]:
         assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    reports = tiny.client.search_runs([tiny.exp.experiment_id], "tags.kind = 'report'")
+    assert not tiny.client.search_runs([tiny.exp.experiment_id], "tags.kind = 'report'")
+    reports = tiny.client.search_runs(
+        [tiny.client.get_experiment_by_name("sw-reports").experiment_id], "tags.kind = 'report'")
     arts = {a.path for a in tiny.client.list_artifacts(reports[0].info.run_id)}
     assert {"comparison.md", "val_acc_vs_compute.png", "fig1_kernels.png"} <= arts
 
@@ -151,7 +153,31 @@ def test_speedup_against_the_single_scale_baseline():
     rows = summary_rows([single, multi], target=0.9)
     assert [r["speedup"] for r in rows] == [1.0, 4.0]
     assert rows[1]["wallclock_to_target"] == 7
+    assert rows[1]["wallclock_speedup"] == pytest.approx(20 / 7)
     assert summary_rows([single, multi], target=0.95)[1]["speedup"] is None
+
+
+def test_repeated_runs_get_unique_labels_and_levels_plot_as_separate_lines(tmp_path):
+    from pipelines.report import _curves_plot, draw_curves, unique_labels
+
+    pts = [{"step": i, "val_accuracy": a, "wallclock": i, "n": n, "stage": f"L{int(n == 16)}"}
+           for i, (a, n) in enumerate([(0.9, 8), (0.95, 8), (0.6, 16), (0.97, 16)])]
+    runs = [RunCurve(f"id{i}abcdef", "ms", "multiscale", {}, 0.97, pts) for i in range(2)]
+    unique_labels(runs)
+    assert [r.label for r in runs] == ["ms #id0abc (multiscale)", "ms #id1abc (multiscale)"]
+    png = _curves_plot(runs, "wallclock", "wall-clock (s)", tmp_path / "c.png", target=0.95)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    draw_curves(ax, runs, "wallclock", 0.95)
+    lines = [(ln.get_label(), list(ln.get_xdata()), ln.get_linestyle()) for ln in ax.get_lines()]
+    plt.close(fig)
+    # per run: the 8x8 level, the 16x16 level (never one line through both), the dotted handover
+    assert lines[:3] == [("ms #id0abc (multiscale) @ 8x8", [0, 1], "-"),
+                         ("ms #id0abc (multiscale) @ 16x16", [2, 3], "-"),
+                         (lines[2][0], [1, 2], ":")]
+    assert lines[-1][0] == "target 95.0%" and len(lines) == 7
 
 
 def test_fig1_kernel_illustration(tmp_path):
@@ -159,3 +185,18 @@ def test_fig1_kernel_illustration(tmp_path):
 
     p = fig1_kernels(tmp_path / "f.png", image=torch.rand(1, 28, 28))
     assert p.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_second_run_of_the_same_sweep_is_refused(tiny):
+    from pipelines.runtime import exclusive
+
+    mp = tiny.env()
+    try:
+        storage = Path(tiny.sweep.storage_path).resolve()
+        with exclusive(storage / ".tiny.lock", "a first run"):
+            with pytest.raises(RuntimeError, match=r"sweep tiny \(.*\) is already running \(pid \d+ on "):
+                run_sweep(tiny.sweep, log=lambda s: None)
+    finally:
+        mp.undo()
