@@ -92,3 +92,31 @@ if __name__ == "__main__":  # log results written where MLflow was not installed
     extra = [f for f in [a.json.with_suffix(".md"), *a.files] if f.exists()]
     if log_benchmark(a.json.stem, data.get("args", {}), metrics_of(data), [a.json, *extra]) is None:
         sys.exit(1)
+
+
+def alternate(paths: dict, repeats: int) -> dict[str, list]:
+    """Run every path (a name -> zero-argument callable) once per round, in the same order each
+    round (A B A B ...), ``repeats`` rounds: machine noise falls on all of them alike. Returns each
+    path's results in round order."""
+    out: dict[str, list] = {name: [] for name in paths}
+    for r in range(repeats):
+        for name, run in paths.items():
+            print(f"round {r + 1}/{repeats}: {name}", flush=True)
+            out[name].append(run())
+    return out
+
+
+def paired_ratio(a: list[float], b: list[float]) -> dict:
+    """The per-round ratios ``a[i] / b[i]`` as median and min-max, with the load average at the
+    end, and whether the spread is narrower than the effect the median claims (its distance from
+    1): a ratio whose spread is wider than that claims nothing."""
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    med = statistics.median(ratios)
+    spread = max(ratios) - min(ratios)
+    return {"median": med, "min": min(ratios), "max": max(ratios), "ratios": ratios,
+            "load_avg_1m": os.getloadavg()[0], "conclusive": spread < abs(med - 1)}
+
+
+def fmt_ratio(r: dict) -> str:
+    return (f"{r['median']:.2f}x [{r['min']:.2f}-{r['max']:.2f}]"
+            + ("" if r["conclusive"] else " (INCONCLUSIVE: spread wider than the effect)"))

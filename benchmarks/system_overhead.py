@@ -1,36 +1,43 @@
-"""What Ray costs: one Ray Train stage vs a plain PyTorch loop with the same model, data, threads.
+"""What Ray costs: a Ray Train stage vs a plain PyTorch loop with the same model, data, threads.
 
-    python benchmarks/system_overhead.py [--epochs 3] [--threads 2]
+    python benchmarks/system_overhead.py [--epochs 3] [--threads 2] [--repeats 3]
 
 The data are level 0 (28x28) of the demo pyramid (``configs/pyramid_mnist_demo.yaml``, 8,000
 training images; built if missing). The Ray side is ``pipelines.schedule.run_schedule`` of
 ``configs/demo_single.yaml`` with one worker holding ``--threads`` CPUs (Ray sets the worker's
-torch threads from it); the plain side is ``mscnn.train.fit`` on the same Parquet shards read into
-memory, with ``torch.set_num_threads(--threads)``. Printed: images/s inside the epoch loop (what
-the stage reports), images/s end to end (the stage from submission to result: worker start, data
-materialisation, checkpoints, MLflow), and their ratios. The pyramid build vs a plain loop is
-``benchmarks/pyramid_build.py``.
+torch threads from it), once with the worker-local tensor cache (``scaling.worker_cache_mb``, the
+default) and once streaming every epoch from Ray Data (``worker_cache_mb=0``); the plain side is
+``mscnn.train.fit`` on the same Parquet shards read into memory, with
+``torch.set_num_threads(--threads)``. The three paths alternate (A B C A B C ..., ``--repeats``
+rounds, one ``ray.init`` for all, not counted); the ratios are the median of the per-round ratios
+with their min-max spread and the load average. Printed: images/s inside the epoch loop (what the
+stage reports), images/s end to end (the stage from submission to result: worker start, data
+materialisation, checkpoints, MLflow), the stage's fixed cost (end to end minus the epochs), and
+the ratios. The process exits with status 3 when a ratio's spread is wider than its effect.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import ROOT, machine, publish
+from common import ROOT, alternate, fmt_ratio, machine, paired_ratio, publish
 
 from mscnn.data import Split
 from mscnn.ode import ODENet
 from mscnn.train import fit
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating rounds (at least 3)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
 
@@ -40,56 +47,92 @@ def main(argv: list[str] | None = None) -> None:
     from pipelines.pyramid import build_pyramid, input_scale, level_tensors, read_manifest
     from pipelines.schedule import run_schedule
 
-    with tempfile.TemporaryDirectory(prefix="mscnn-overhead-") as tmp:
-        cfg = load_config(ROOT / "configs" / "demo_single.yaml", ScheduleConfig, {
-            "name": "overhead", "storage_path": str(Path(tmp) / "runs"),
+    tmp = Path(tempfile.mkdtemp(prefix="mscnn-overhead-"))
+
+    def cfg_for(tag: str, cache_mb: float):
+        return load_config(ROOT / "configs" / "demo_single.yaml", ScheduleConfig, {
+            "name": f"overhead-{tag}", "storage_path": str(tmp / "runs"),
             "experiment": "mscnn-benchmarks", "levels": [{"n": 28, "steps": 2, "epochs": args.epochs,
                                                           "optim": {"lr": 0.01}}],
-            "scaling": {"num_workers": 1, "cpus_per_worker": args.threads}})
-        t0 = time.perf_counter()
-        ray.init(num_cpus=max(args.threads, 2), include_dashboard=False, log_to_driver=False)
-        t_init = time.perf_counter() - t0
-        pyramid, _ = build_pyramid(cfg.pyramid, Path(cfg.pyramid_root).resolve())
-        t0 = time.perf_counter()
-        res = run_schedule(cfg, log=lambda s: None)
-        t_ray = time.perf_counter() - t0
-        ray.shutdown()
-        hist = res["stages"][0]["history"]
-        count = read_manifest(pyramid)["counts"]["train"]["total"]
+            "scaling": {"num_workers": 1, "cpus_per_worker": args.threads,
+                        "worker_cache_mb": cache_mb}})
 
+    base = cfg_for("x", 2048)
+    t0 = time.perf_counter()
+    ray.init(num_cpus=max(args.threads, 2), include_dashboard=False, log_to_driver=False)
+    t_init = time.perf_counter() - t0
+    pyramid, _ = build_pyramid(base.pyramid, Path(base.pyramid_root).resolve())
+    m = read_manifest(pyramid)
+    count = m["counts"]["train"]["total"]
+    scale = torch.tensor(input_scale(m)).view(1, -1, 1, 1)
+    rounds = {"cached": 0, "streamed": 0}
+
+    def ray_path(tag: str, cache_mb: float):
+        def run() -> dict:
+            rounds[tag] += 1
+            cfg = cfg_for(f"{tag}{rounds[tag]}", cache_mb)  # a fresh run folder each round
+            t0 = time.perf_counter()
+            res = run_schedule(cfg, log=lambda s: None)
+            total = time.perf_counter() - t0
+            hist = res["stages"][0]["history"]
+            return {"loop": statistics.median(h["images_per_s"] for h in hist),
+                    "e2e": count * args.epochs / total, "seconds": total,
+                    "fixed": total - hist[-1]["stage_seconds"], "history": hist}
+        return run
+
+    def plain() -> dict:
         torch.set_num_threads(args.threads)
-        m = read_manifest(pyramid)
-        scale = torch.tensor(input_scale(m)).view(1, -1, 1, 1)
         t0 = time.perf_counter()
         tr = level_tensors(pyramid, 0, "train")
         tr = Split(tr.x * scale, tr.y)
-        t_read = time.perf_counter() - t0
-        torch.manual_seed(cfg.seed)
-        net = ODENet(cfg.model_config_for(0))
-        t0 = time.perf_counter()
-        ph = fit(net, tr, args.epochs, 0.01, cfg.levels[0].optim.batch_size, cfg.seed)
-        t_plain = time.perf_counter() - t0
+        torch.manual_seed(base.seed)
+        net = ODENet(base.model_config_for(0))
+        t1 = time.perf_counter()
+        ph = fit(net, tr, args.epochs, 0.01, base.levels[0].optim.batch_size, base.seed)
+        total = time.perf_counter() - t0
+        return {"loop": statistics.median(count / h["seconds"] for h in ph),
+                "e2e": count * args.epochs / total, "seconds": total, "fixed": t1 - t0, "history": ph}
 
-    plain_loop = count / (sum(h["seconds"] for h in ph) / len(ph))
-    ray_loop = sum(h["images_per_s"] for h in hist) / len(hist)
-    ray_e2e = count * args.epochs / t_ray
-    plain_e2e = count * args.epochs / (t_plain + t_read)
-    rows = [("plain PyTorch loop", plain_loop, plain_e2e, t_plain + t_read),
-            ("Ray Train stage (1 worker)", ray_loop, ray_e2e, t_ray)]
+    runs = alternate({"Ray Train stage, worker cache": ray_path("cached", 2048),
+                      "Ray Train stage, streamed": ray_path("streamed", 0),
+                      "plain PyTorch loop": plain}, args.repeats)
+    ray.shutdown()
+    plain_runs = runs["plain PyTorch loop"]
     head = (f"MNIST 28x28 demo level ({count} training images), ODENet 16 channels 2 steps, batch "
-            f"{cfg.levels[0].optim.batch_size}, {args.epochs} epochs, {args.threads} threads; "
-            f"{machine()}; ray.init {t_init:.1f} s (not counted).")
-    md = [head, "", "| | images/s in the epoch loop | images/s end to end | seconds end to end |",
-          "|---|---|---|---|"]
-    md += [f"| {a} | {b:,.0f} | {c:,.0f} | {d:.1f} |" for a, b, c, d in rows]
-    md += ["", f"Ray / plain: {ray_loop / plain_loop:.2f} in the loop, {ray_e2e / plain_e2e:.2f} end "
-           f"to end (each epoch of the stage also validates, checkpoints and logs to MLflow)."]
-    data = {"args": vars(args), "plain_loop_img_s": plain_loop, "ray_loop_img_s": ray_loop,
-            "plain_e2e_img_s": plain_e2e, "ray_e2e_img_s": ray_e2e, "ray_init_s": t_init,
-            "ray_history": hist, "plain_history": ph}
-    publish(args.out, "system_overhead", "\n".join(md), data, vars(args),
-            {k: v for k, v in data.items() if isinstance(v, float)})
+            f"{base.levels[0].optim.batch_size}, {args.epochs} epochs, {args.threads} threads; "
+            f"{machine()}; {args.repeats} alternating rounds; ray.init {t_init:.1f} s (not counted). "
+            "Each cell: median [min-max] over the rounds.")
+    md = [head, "", "| | images/s in the epoch loop | images/s end to end | seconds end to end | "
+          "fixed seconds (not epochs) | loop / plain | end to end / plain |", "|---|---|---|---|---|---|---|"]
+    ratios, ok = {}, True
+    for name, rs in runs.items():
+        def cell(key, pat="{:,.0f}", rs=rs):
+            v = [r[key] for r in rs]
+            return f"{pat.format(statistics.median(v))} [{pat.format(min(v))}-{pat.format(max(v))}]"
+        loop_r = paired_ratio([r["loop"] for r in rs], [r["loop"] for r in plain_runs])
+        e2e_r = paired_ratio([r["e2e"] for r in rs], [r["e2e"] for r in plain_runs])
+        ratios[name] = {"loop": loop_r, "e2e": e2e_r}
+        same = name == "plain PyTorch loop"
+        if not same:
+            ok = ok and loop_r["conclusive"] and e2e_r["conclusive"]
+        md.append(f"| {name} | {cell('loop')} | {cell('e2e')} | {cell('seconds', '{:.1f}')} | "
+                  f"{cell('fixed', '{:.1f}')} | {'' if same else fmt_ratio(loop_r)} | "
+                  f"{'' if same else fmt_ratio(e2e_r)} |")
+    cached = paired_ratio([r["loop"] for r in runs["Ray Train stage, worker cache"]],
+                          [r["loop"] for r in runs["Ray Train stage, streamed"]])
+    md += ["", f"Worker cache / streamed, in the epoch loop: {fmt_ratio(cached)}. Load average "
+           f"(1 min) at the end: {cached['load_avg_1m']:.2f}. Every epoch of a stage also validates, "
+           "checkpoints and reports; MLflow is written by the driver-side callback."]
+    data = {"args": vars(args), "ray_init_s": t_init, "runs": runs, "ratios": ratios,
+            "cache_vs_stream": cached}
+    metrics = {f"{k.split(',')[-1].strip().replace(' ', '_')}_{a}_ratio": v[a]["median"]
+               for k, v in ratios.items() if k != "plain PyTorch loop" for a in ("loop", "e2e")}
+    publish(args.out, "system_overhead", "\n".join(md), data, vars(args), metrics)
+    if not ok:
+        print("INCONCLUSIVE: a ratio's spread is wider than its effect (see the table)", file=sys.stderr)
+        return 3
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -29,8 +29,8 @@ from mscnn.checkpoint import load_checkpoint, save_checkpoint
 from mscnn.models import NetConfig, build_model
 from mscnn.train import evaluate, make_step, train_epoch
 
-__all__ = ["CURVES", "MlflowStageCallback", "ProgressCallback", "StageSpec", "resolve_gpu", "run_stage",
-           "train_func"]
+__all__ = ["CURVES", "MlflowStageCallback", "ProgressCallback", "ShardCache", "StageSpec", "resolve_gpu",
+           "run_stage", "train_func"]
 
 # what the stage and parent runs plot per epoch; bookkeeping (epoch, n, steps) are params and tags
 CURVES = ("train_loss", "val_loss", "val_accuracy", "images_per_s", "wallclock", "stage_seconds",
@@ -57,6 +57,7 @@ class StageSpec:
     input_scale: list[float] = field(default_factory=lambda: [1.0])  # 1 / std per channel
     train_count: int = 0  # images in the level's train split (all workers)
     mge: dict | None = None  # {"sizes", "batch_sizes"}: multilevel gradient estimation
+    cache_mb: float = 2048.0  # per worker and split: shards up to this size are kept as tensors
     extra: dict = field(default_factory=dict)  # e.g. the test-only fail_once switch
 
 
@@ -133,18 +134,49 @@ def _start(spec: StageSpec):
     return model, None, state
 
 
-def _batches(ds, batch_size: int, scale: torch.Tensor, device, seed: int | None = None):
-    shuffle = {} if seed is None else {"local_shuffle_buffer_size": 4 * batch_size,
-                                       "local_shuffle_seed": seed}
-    for b in ds.iter_torch_batches(batch_size=batch_size, device=device, **shuffle):
-        yield b["image"] * scale, b["label"]
+class ShardCache:
+    """One worker's shard of a split as batches, every epoch. The first pass streams it from Ray
+    Data (``iter_torch_batches``, a local shuffle buffer) and, while the shard fits in
+    ``limit_bytes``, keeps its tensors on the worker's device; later passes are plain tensor
+    indexing (a fresh permutation per epoch when shuffled), as fast as a plain PyTorch loop. A shard
+    larger than the limit (or ``limit_bytes <= 0``) streams every epoch."""
+
+    def __init__(self, shard, limit_bytes: float) -> None:
+        self.shard, self.limit = shard, limit_bytes
+        self.x = self.y = None
+        self.streaming = limit_bytes <= 0
+
+    def batches(self, batch_size: int, scale: torch.Tensor, device, seed: int | None = None):
+        if self.x is not None:
+            yield from self._cached(batch_size, scale, seed)
+            return
+        shuffle = {} if seed is None else {"local_shuffle_buffer_size": 4 * batch_size,
+                                           "local_shuffle_seed": seed}
+        xs, ys, size = [], [], 0
+        for b in self.shard.iter_torch_batches(batch_size=batch_size, device=device, **shuffle):
+            if not self.streaming:
+                size += b["image"].nelement() * b["image"].element_size()
+                if size > self.limit:
+                    self.streaming, xs, ys = True, [], []
+                else:
+                    xs.append(b["image"])
+                    ys.append(b["label"])
+            yield b["image"] * scale, b["label"]
+        if not self.streaming and xs:
+            self.x, self.y = torch.cat(xs), torch.cat(ys)
+
+    def _cached(self, batch_size: int, scale: torch.Tensor, seed: int | None):
+        n = len(self.y)
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(self.x.device)
+                 if seed is not None else None)
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size] if order is not None else slice(i, i + batch_size)
+            yield self.x[idx] * scale, self.y[idx]
 
 
-def _validate(model, spec: StageSpec, scale, device) -> tuple[float, float, float]:
+def _validate(model, val: ShardCache, scale) -> tuple[float, float, float]:
     """Summed cross-entropy, correct count and count over every worker's validation shard."""
-    import ray.train
-
-    v = evaluate(model, _batches(ray.train.get_dataset_shard("val"), 1000, scale, device))
+    v = evaluate(model, val.batches(1000, scale, scale.device))
     return tuple(_all_reduce([v["loss_sum"], v["correct"], v["count"]]))
 
 
@@ -271,22 +303,24 @@ def train_func(config: dict) -> None:
     if step_state:
         step.load_state_dict(step_state)
     scale = torch.tensor(spec.input_scale, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    limit = spec.cache_mb * 2**20
+    train = ShardCache(ray.train.get_dataset_shard("train"), limit)
+    val = ShardCache(ray.train.get_dataset_shard("val"), limit)
     state["nodes"] = _all_nodes()  # where this stage's workers run (the last attempt)
     state["devices"] = _all_gather(str(device))  # and on what: cpu, cuda:0, ...
     if "init" not in state:  # how good is the incoming (prolonged / interpolated / random) model?
-        vloss, correct, total = _validate(model, spec, scale, device)
+        vloss, correct, total = _validate(model, val, scale)
         state["init"] = {"init_val_loss": vloss / max(total, 1), "init_val_accuracy": correct / max(total, 1)}
     step0 = state["step"]
     for epoch in range(state["epoch"] + 1, spec.epochs):
         t0 = time.perf_counter()
-        shard = ray.train.get_dataset_shard("train")
-        rec = train_epoch(step, _batches(shard, bs, scale, device, spec.seed + epoch), net,
+        rec = train_epoch(step, train.batches(bs, scale, device, spec.seed + epoch), net,
                           on_batch=lambda i, s0=step0: _maybe_fail(spec, rank, s0 + i))
         state["step"] = step0 = step0 + rec["batches"]
-        val = _validate(model, spec, scale, device)
+        val_sums = _validate(model, val, scale)
         state["seconds"] += time.perf_counter() - t0  # training and validation
         summed = _all_reduce([rec["loss"] * rec["images"], rec["images"], rec["images_per_s"]])
-        metrics = _metrics(spec, state, epoch, [summed[0], summed[1], *val, summed[2]])
+        metrics = _metrics(spec, state, epoch, [summed[0], summed[1], *val_sums, summed[2]])
         if epoch == 0:  # the incoming network's accuracy, logged with the level's first epoch
             metrics |= state["init"]
         state["bad_epochs"] = 0 if metrics["val_accuracy"] > state["best"] else state["bad_epochs"] + 1
@@ -348,6 +382,7 @@ def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
                          f"the model n={spec.model.n}")
     use_gpu = resolve_gpu(scaling)
     spec.input_scale = input_scale(manifest)
+    spec.cache_mb = scaling.get("worker_cache_mb", spec.cache_mb)
     spec.train_count = manifest["counts"]["train"]["total"]
     callbacks = [*(callbacks or []), *([MlflowStageCallback(**mlflow)] if mlflow else [])]
     progress_file = None

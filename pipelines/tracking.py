@@ -8,7 +8,9 @@ in other directories. The driver creates runs; inside a stage only rank 0 logs m
 from __future__ import annotations
 
 import json
+import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -133,17 +135,33 @@ class Tracker:
     def log_model(self, run_id: str, model, input_example, registered_name: str | None = None) -> str:
         """``mlflow.pytorch.log_model`` into run ``run_id``, with the signature inferred from
         ``input_example`` (a numpy batch) and pinned requirements (no slow inference of them);
-        registered as ``registered_name`` when given. Returns the model's URI."""
+        registered as ``registered_name`` when given. Returns the model's URI.
+
+        Saved as a pickle with the ``mscnn`` package's code inside the model (``code_paths``): the
+        default ``pt2`` format traces the network at the example's batch size and then refuses any
+        other batch size."""
         import mlflow
         import mlflow.pytorch
         import torch
 
+        import mscnn
+
+        try:  # a Ray job's working_dir copy can be gone by now (seen on a two-node cluster):
+            os.getcwd()  # MLflow's model logging calls Path.cwd()
+        except FileNotFoundError:
+            os.chdir(tempfile.gettempdir())
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(
-                model, name="model", input_example=input_example,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "mscnn"],
-                registered_model_name=registered_name)
+        quiet = logging.getLogger("mlflow.pytorch")  # its warning about pickle: chosen, see above
+        level, quiet.level = quiet.level, logging.ERROR
+        try:
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pytorch.log_model(
+                    model, name="model", input_example=input_example, serialization_format="pickle",
+                    code_paths=[str(Path(mscnn.__file__).parent)],
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+                    registered_model_name=registered_name)
+        finally:
+            quiet.setLevel(level)
         return info.model_uri
 
     def log_dataset(self, run_id: str, path: str | os.PathLike, name: str, digest: str,

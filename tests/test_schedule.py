@@ -123,7 +123,7 @@ def test_mlflow_holds_the_parent_the_stage_runs_their_curves_and_artifacts(two_l
     x = torch.randn(3, 1, 16, 16)
     torch.testing.assert_close(logged(x), final(x), rtol=0, atol=0)
     info = mlflow.models.get_model_info(res["model_uri"])
-    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == [-1, 1, 16, 16]
+    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 16, 16]
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.json", "final_checkpoint", "config.json"} <= arts
     assert {a.path for a in client.list_artifacts(kids[1].info.run_id, "checkpoint")} == {
