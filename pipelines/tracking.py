@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,14 +87,19 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return self.client.create_experiment(name, artifact_location=location)
-        except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            return self.client.get_experiment_by_name(name).experiment_id
+        if exp is None:
+            try:
+                exp_id = self.client.create_experiment(name, artifact_location=location)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                exp = self.client.get_experiment_by_name(name)
+            else:
+                exp = self.client.get_experiment(exp_id)
+        if "mlflow.experimentKind" not in exp.tags:  # the UI opens on training runs, not GenAI traces
+            self.client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind",
+                                           "custom_model_development")
+        return exp.experiment_id
 
     def start_run(self, name: str, tags: dict[str, str] | None = None,
                   params: dict[str, Any] | None = None, parent_id: str | None = None) -> str:
@@ -172,7 +178,10 @@ class Tracker:
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
-        ds = MetaDataset(resolve_dataset_source(str(path)), name=name, digest=digest[:36])
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local folder
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(path))
+        ds = MetaDataset(source, name=name, digest=digest[:36])
         self.client.log_inputs(run_id, datasets=[DatasetInput(
             ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
 
