@@ -212,6 +212,9 @@ def _run_schedule(cfg: ScheduleConfig, run_dir: Path, chash: str, log, extra, ta
     tracker = Tracker(cfg.experiment)
     ids_file = run_dir / "mlflow.json"
     ids = json.loads(ids_file.read_text()) if ids_file.exists() else {}
+    if ids and not tracker.has_run(ids.get("parent", "")):  # another store, or the old one deleted
+        log(f"MLflow runs of the earlier attempt are not in {tracker.uri}: this schedule gets new runs")
+        ids = {}
     data = {"input_scale": input_scale(manifest), "classes": manifest["source"]["classes"],
             "sigma": manifest["sigma"], "pair": manifest["pair"], "pyramid": pyramid.name,
             "config_hash": manifest["config_hash"]}

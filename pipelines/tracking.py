@@ -101,6 +101,14 @@ class Tracker:
                                            "custom_model_development")
         return exp.experiment_id
 
+    def has_run(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return bool(run_id) and self.client.get_run(run_id).info.experiment_id == self.experiment_id
+        except MlflowException:
+            return False
+
     def start_run(self, name: str, tags: dict[str, str] | None = None,
                   params: dict[str, Any] | None = None, parent_id: str | None = None) -> str:
         tags = dict(tags or {})

@@ -161,6 +161,16 @@ def test_a_rerun_skips_finished_levels_and_resumes_at_the_first_unfinished(two_l
     assert (d / "L0-n8-N1.done.json").stat().st_mtime_ns == stamp
     assert any("L0-n8-N1: finished before, skipped" in s for s in logs)
     assert any(s.startswith("[2/2] L1-n16-N1: 1 epoch(s)") for s in logs)
+    # the same outputs against another MLflow store (the old one gone): new runs, not an error
+    other = f"sqlite:///{d}/other.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", other)
+        logs = []
+        run_schedule(cfg, log=logs.append)
+    assert any("this schedule gets new runs" in s for s in logs)
+    c = MlflowClient(other)
+    parents = c.search_runs([c.get_experiment_by_name("test").experiment_id], "tags.kind = 'multiscale'")
+    assert [p.info.status for p in parents] == ["FINISHED"]
 
 
 def test_depth_schedule_doubles_steps(local_ray, tmp_path, mlflow_uri):
