@@ -273,12 +273,9 @@ class ScheduleConfig(_Strict):
         import hashlib
         import json
 
-        # where the pyramid's source was read from is not part of a schedule's identity (the
-        # pyramid's content is: the build refuses another content under the same name)
+        # the pyramid enters by its name and PyramidConfig.identity (not where its source was
+        # read from: the build refuses another content under the same name)
         d = self.model_dump(exclude={"storage_path", "experiment", "scaling", "register_model"})
-        d["pyramid"]["source"]["path"] = None
-        for later in ("idx", "class_names"):  # fields added later count only when set
-            if d["pyramid"]["source"].get(later) is None:
-                d["pyramid"]["source"].pop(later, None)
+        d["pyramid"] = {**self.pyramid.identity(), "name": self.pyramid.name}
         blob = json.dumps(d, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -106,14 +106,20 @@ def to_images(model: torch.nn.Module, x: torch.Tensor, data: dict, method: str =
         for _ in range(k):
             x = restrict_image(gaussian_blur(x, data.get("sigma", 1.0)), data.get("pair", "full-weighting"))
         return model, x * scale, f"images coarsened {n_img} -> {n_net} (blur + restriction, as the pyramid)"
-    if isinstance(model, ODENet):
-        moved = to_resolution(model, n_img, naive=model.config.stencil == "free")
-        how = "re-discretised" if model.config.stencil != "free" else "stencils kept"
-    else:
-        from mscnn.resnet import resnet_to_resolution
+    moved, how = _moved(model, n_img, k)
+    return moved, x * scale, f"network moved {n_net} -> {n_img} ({how})"
 
-        moved, how = resnet_to_resolution(model, k), "Galerkin"
-    return moved.eval(), x * scale, f"network moved {n_net} -> {n_img} ({how})"
+
+def _moved(model: torch.nn.Module, n: int, k: int):
+    """``(network for n x n images, how)``, ``n = model.config.n * 2**k``: scale-consistent
+    stencils re-discretised, free ones kept (measured at least as good as Galerkin moving down),
+    a ResNet through ``resnet_to_resolution``."""
+    if isinstance(model, ODENet):
+        free = model.config.stencil == "free"
+        return to_resolution(model, n, naive=free).eval(), "stencils kept" if free else "re-discretised"
+    from mscnn.resnet import resnet_to_resolution
+
+    return resnet_to_resolution(model, k).eval(), "Galerkin"
 
 
 @torch.no_grad()
@@ -147,12 +153,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, n: int | None 
         k = _ratio(n, model.config.n)
         if k is None:
             raise ValueError(f"--n {n}: not {model.config.n} times a power of 2")
-        if isinstance(model, ODENet):
-            model = to_resolution(model, n, naive=model.config.stencil == "free").eval()
-        else:
-            from mscnn.resnet import resnet_to_resolution
-
-            model = resnet_to_resolution(model, k).eval()
+        model, _ = _moved(model, n, k)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     size = model.config.n

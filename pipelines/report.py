@@ -79,7 +79,8 @@ def collect_runs(experiment: str, tracker: Tracker | None = None,
                              max_results=1000, order_by=["attributes.start_time ASC"])
         for k in kids:
             # the level's resolution and depth are params of its run (bookkeeping, not curves)
-            steps = json.loads(k.data.params.get("steps", "null").replace("None", "null"))
+            raw = k.data.params.get("steps", "None")  # a JSON list, or str(None)
+            steps = None if raw == "None" else json.loads(raw)
             level = {"n": int(k.data.params["n"]), "steps": sum(steps) if steps else None,
                      "stage": k.data.tags.get("stage")}
             by_step: dict[int, dict] = {}
@@ -137,7 +138,7 @@ def markdown(rows: list[dict], target: float) -> str:
 
 
 def unique_labels(curves: list[RunCurve]) -> None:
-    """Runs of the same schedule (repeats) get their start order and run id in the label."""
+    """Runs of the same schedule (repeats) get the start of their run id in the label."""
     names = [c.label for c in curves]
     for c in curves:
         if names.count(c.label) > 1:

@@ -170,13 +170,13 @@ def run_level(run: _Run, i: int, prev: LevelOutcome | None, log: Callable[[str],
         compute_end=last["fine_equiv_epochs"], global_epoch_end=last["global_epoch"] + 1)
     run.tracker.log_metrics(run_id, {"best_val_accuracy": out.best_val_accuracy,
                                      "epochs_run": out.epochs_run}, step=out.global_epoch_end)
-    run.tracker.set_tags(run_id, {"devices": ",".join(sorted(set(out.devices))),
-                                  "workers": str(len(out.devices))})
+    devices = ", ".join(sorted(set(out.devices))) or "?"
+    run.tracker.set_tags(run_id, {"devices": devices, "workers": str(len(out.devices))})
     run.tracker.log_artifacts(run_id, best_dir, "checkpoint")
     run.tracker.end_run(run_id)
     _write_json(run.run_dir / f"{name}.done.json", asdict(out))
     log(f"    best val accuracy {out.best_val_accuracy:.4f} after {out.epochs_run} epoch(s), "
-        f"{out.seconds:.0f} s, on {', '.join(sorted(set(out.devices))) or '?'} "
+        f"{out.seconds:.0f} s, on {devices} "
         f"({len(out.devices)} worker(s))")
     return out
 

@@ -382,7 +382,7 @@ def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
                          f"the model n={spec.model.n}")
     use_gpu = resolve_gpu(scaling)
     spec.input_scale = input_scale(manifest)
-    spec.cache_mb = scaling.get("worker_cache_mb", spec.cache_mb)
+    spec.cache_mb = scaling["worker_cache_mb"]
     spec.train_count = manifest["counts"]["train"]["total"]
     callbacks = [*(callbacks or []), *([MlflowStageCallback(**mlflow)] if mlflow else [])]
     progress_file = None

@@ -47,8 +47,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 
 def git_tags(root: str | os.PathLike | None = None) -> dict[str, str]:
-    """MLflow's own source tags for the code that runs: the git commit (``-dirty`` when the tree
-    has changes) and the repository; empty outside a git checkout (e.g. a pip install)."""
+    """MLflow's own source tags for the code that runs: the git commit, ``git_dirty`` (tracked
+    files changed) and the repository; empty outside a git checkout (e.g. a pip install)."""
     import subprocess
 
     root = Path(root or Path(__file__).resolve().parents[1])

@@ -140,8 +140,9 @@ def test_pyramid_and_schedule_identity_come_from_content_not_the_path_spelling(t
 
 @pytest.mark.slow
 def test_processes_opening_a_fresh_mlflow_store_at_once_all_succeed(tmp_path):
-    """Without the lock beside the SQLite file, 4 of 4 such starts failed here in alembic's
-    migrations ("table datasets already exists", "expected to match one row")."""
+    """Without the lock beside the SQLite file, 11 of 12 such starts (3 trials of 4 processes)
+    failed here in alembic's migrations ("table datasets already exists", "expected to match one
+    row")."""
     import subprocess
     import sys
     import time
