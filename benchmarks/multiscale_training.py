@@ -14,7 +14,9 @@ epoch at ``n`` as ``(n / 28)^2`` fine epochs. ``--stencils``: the networks' sten
 plan run with each (``mscnn.stencils``; consistent kinds are moved by re-discretisation,
 ``--transfer`` applies to ``free``). ``--repeats R``: the plans run R times in alternating
 order (A B A B ...), and the table gives the median time to each target with its min-max
-spread, so the ratios are fair on a noisy machine.
+spread, so the ratios are fair on a noisy machine. ``--prefilter 0 1``: each multilevel plan also
+with the prefiltered handover (``to_resolution(prefilter=1)``: the moved network blurs its input as
+the pyramid blurred the coarse images, ``ODENetConfig.input_blur``, and keeps doing so).
 """
 
 from __future__ import annotations
@@ -32,14 +34,16 @@ from mscnn.ode import ODENet
 from mscnn.train import accuracy, fit
 
 
-def run(name: str, plan: list[tuple[int, int]], data: dict, args, stencil: str = "free") -> dict:
+def run(name: str, plan: list[tuple[int, int]], data: dict, args, stencil: str = "free",
+        prefilter: bool = False) -> dict:
     torch.manual_seed(args.seed)
     net, t_train, compute, curve = None, 0.0, 0.0, []
     for n, epochs in plan:
         if net is None:
             net = ODENet(n=n, channels=args.channels, steps=2, stencil=stencil)
         elif net.n != n:
-            net = to_resolution(net, n, naive=args.transfer == "naive", lam=args.lam)
+            net = to_resolution(net, n, naive=args.transfer == "naive", lam=args.lam,
+                                prefilter=1.0 if prefilter else 0.0)
             curve.append({"n": n, "epoch": -1, "seconds": t_train, "fine_equiv": compute,
                           "val_acc": accuracy(net, data[n][1]), "event": "transferred"})
         train, val = data[n]
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--transfer", choices=["galerkin", "naive"], default="galerkin")
     ap.add_argument("--stencils", nargs="+", default=["free"],
                     help="ODENetConfig.stencil of the networks; each plan runs with each")
+    ap.add_argument("--prefilter", type=int, nargs="+", choices=[0, 1], default=[0],
+                    help="multilevel plans without (0) and/or with (1) the prefiltered handover")
     ap.add_argument("--repeats", type=int, default=1, help="alternating repeats of the plans")
     ap.add_argument("--plans", type=int, nargs="+", default=[1, 2, 3], help="level counts to run")
     ap.add_argument("--lam", type=float, default=0.0)
@@ -110,13 +116,14 @@ def main(argv: list[str] | None = None) -> None:
     plans = {"1 level (28)": [(28, single)],
              "2 levels (14, 28)": [(14, coarse), (28, after)],
              "3 levels (7, 14, 28)": [(7, coarse), (14, coarse), (28, after)]}
-    plans = {f"{k}, {st}": (st, v) for st in args.stencils for k, v in plans.items()
-             if int(k[0]) in args.plans}
+    plans = {f"{k}, {st}{', prefilter' if pf else ''}": (st, v, pf) for st in args.stencils
+             for k, v in plans.items() if int(k[0]) in args.plans
+             for pf in (args.prefilter if int(k[0]) > 1 else [0])}
     t0 = time.perf_counter()
     runs = {name: [] for name in plans}
     for _ in range(args.repeats):  # A B A B ...: machine noise hits every plan alike
-        for name, (stencil, plan) in plans.items():
-            runs[name].append(run(name, plan, data, args, stencil))
+        for name, (stencil, plan, pf) in plans.items():
+            runs[name].append(run(name, plan, data, args, stencil, bool(pf)))
     rows = [_median_row(rs, args.targets) for rs in runs.values()]
     head = (f"MNIST, ODENet {args.channels} channels 2 steps tanh, stencils {args.stencils}, Adam lr "
             f"{args.lr} cosine per level, transfer: free {args.transfer}"
@@ -141,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             if r[f"to_{t:g}"]:
                 metrics[f"{key}.seconds_to_{t:g}"] = r[f"to_{t:g}"]["seconds"]
     stem = "multiscale_training_" + "_".join(st if st != "free" else args.transfer for st in args.stencils)
+    stem += "_prefilter" if 1 in args.prefilter else ""
     publish(args.out, stem, "\n".join(md),
             {"args": vars(args), "rows": rows}, vars(args), metrics)
 

@@ -5,7 +5,10 @@
 pooling classifier unchanged. The input images are never touched: the new model takes ``n x n``.
 Options: ``galerkin`` names the layer groups whose stencils get Galerkin transfer (``"opening"``,
 ``"units"``; the others keep their stencils, as ``naive=True`` does for all), ``lam`` regularises the
-prolongation (``mscnn.transfer.prolong_stencil``). ``resolution_state`` is the same map on a state
+prolongation (``mscnn.transfer.prolong_stencil``), ``prefilter`` (the pyramid's blur, in pixels) makes a
+network moved to a finer grid blur its input as the pyramid blurred the coarse images
+(``ODENetConfig.input_blur``, see ``pyramid_blur``), so it starts at the bandwidth it was trained at,
+and takes that blur off again on the way down. ``resolution_state`` is the same map on a state
 dict, differentiable, for training one set of parameters at several resolutions
 (``mscnn.multires``).
 
@@ -35,6 +38,7 @@ __all__ = [
     "LAYER_GROUPS",
     "interpolate_in_time",
     "levels_between",
+    "pyramid_blur",
     "resolution_state",
     "to_depth",
     "to_resolution",
@@ -57,6 +61,30 @@ def levels_between(n_from: int, n_to: int) -> int:
     return k
 
 
+def pyramid_blur(n_from: int, n_to: int, sigma_px: float = 1.0) -> float:
+    """The blur, in image widths, that a pyramid built with ``sigma_px`` (``restrict(blur(x,
+    sigma_px))`` per level) puts between grids ``n_from`` and ``n_to``: the Gaussians of each
+    level add in quadrature, ``sqrt(sum_m (sigma_px / m)^2)`` over the finer grid of every level
+    in between (the restriction's own smoothing is not counted).
+
+    >>> pyramid_blur(14, 28) == 1 / 28, round(pyramid_blur(28, 7) * 28, 4)
+    (True, 2.2361)
+    """
+    k = levels_between(n_from, n_to)
+    fine = max(n_from, n_to)
+    return math.sqrt(sum((sigma_px / (fine >> j)) ** 2 for j in range(abs(k))))
+
+
+def _input_blur(cfg: ODENetConfig, n: int, prefilter: float) -> float:
+    """``input_blur`` after a prefiltered move: the pyramid's blur added on the way to a finer grid,
+    taken off on the way to a coarser one (never below 0), in quadrature."""
+    if not prefilter:
+        return cfg.input_blur
+    sign = 1.0 if n > cfg.n else -1.0
+    var = cfg.input_blur**2 + sign * pyramid_blur(cfg.n, n, prefilter) ** 2
+    return math.sqrt(var) if var > 1e-12 else 0.0
+
+
 def _move(t: torch.Tensor, k: int, down, up) -> torch.Tensor:
     for _ in range(abs(k)):
         t = down(t) if k < 0 else up(t)
@@ -77,6 +105,7 @@ def resolution_state(
     lam: float = 0.0,
     galerkin: tuple[str, ...] | list[str] = LAYER_GROUPS,
     state: dict[str, torch.Tensor] | None = None,
+    prefilter: float = 0.0,
 ) -> tuple[ODENetConfig, dict[str, torch.Tensor]]:
     """The config and state dict of ``model`` moved to ``n x n`` images (see ``to_resolution``).
 
@@ -93,7 +122,7 @@ def resolution_state(
             "(connective layers are 1x1 and always move unchanged)"
         )
     try:
-        new_cfg = cfg.replace(n=n, pair=pair)
+        new_cfg = cfg.replace(n=n, pair=pair, input_blur=_input_blur(cfg, n, prefilter))
     except ValueError as e:
         raise ValueError(
             f"to_resolution: cannot move a {cfg.n}x{cfg.n} network to {n}x{n}: {e}"
@@ -123,12 +152,16 @@ def to_resolution(
     pair: str | None = None,
     lam: float = 0.0,
     galerkin: tuple[str, ...] | list[str] = LAYER_GROUPS,
+    prefilter: float = 0.0,
 ) -> ODENet:
     """A new ``ODENet`` for ``n x n`` images (``n = model.n * 2**k``), no retraining.
 
     ``naive=True`` keeps the stencils and moves only ``W`` (the paper's baseline); ``galerkin``
     chooses the layer groups that get Galerkin stencils (the rest are kept, as with ``naive``);
     ``lam`` regularises prolongation (``mscnn.transfer.prolong_stencil``; restriction ignores it).
+    ``prefilter``: the pyramid's ``sigma`` in pixels (0: none) -- moving to a finer grid, the new
+    network blurs its input as the pyramid blurred the images the old one saw (``input_blur``);
+    moving to a coarser grid, that blur is taken off (the pyramid's images carry it).
     ``pair`` defaults to the model's transfer pair. The result is on the device and dtype of ``model``.
 
     >>> net = ODENet(channels=2, steps=1, n=8)
@@ -136,7 +169,8 @@ def to_resolution(
     >>> torch.equal(up.opening.weight, net.opening.weight), up.classifier.W.shape
     (True, torch.Size([10, 2, 16, 16]))
     """
-    new_cfg, state = resolution_state(model, n, naive, pair, lam, galerkin, state=model.state_dict())
+    new_cfg, state = resolution_state(model, n, naive, pair, lam, galerkin, state=model.state_dict(),
+                                      prefilter=prefilter)
     p = next(model.parameters())
     new = ODENet(new_cfg).to(device=p.device, dtype=p.dtype)
     new.load_state_dict(state)

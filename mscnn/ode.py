@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from mscnn.classifier import CLASSIFIERS
-from mscnn.stencils import STENCILS, StencilConv, layer_kind, stencil_conv, stencil_kind
+from mscnn.stencils import STENCILS, StencilConv, blur, layer_kind, stencil_conv, stencil_kind
 from mscnn.transfer import get_pair, restrict_image
 
 __all__ = ["ACTIVATIONS", "STENCILS", "EulerUnit", "ODENet", "ODENetConfig", "activation"]
@@ -76,6 +76,9 @@ class ODENetConfig:
     classifier: str = "quadrature"
     stencil: str = "free"  # mscnn.stencils.STENCILS
     stencil_scale: float = 0.05  # consistent kinds: sigma (gaussian) or L (moment), image widths
+    # a Gaussian applied to the input, sigma in image widths (0: none); set by a prefiltered move
+    # (mscnn.hierarchy.to_resolution(prefilter=...)) so a finer grid sees the coarse bandwidth
+    input_blur: float = 0.0
 
     def __post_init__(self) -> None:
         for key in ("channels", "steps"):  # lists from JSON/YAML become tuples (hashable, frozen)
@@ -90,6 +93,8 @@ class ODENetConfig:
             raise ValueError(f"ODENetConfig.stencil: {e}") from None
         if not (self.stencil_scale > 0 and math.isfinite(self.stencil_scale)):
             raise ValueError(f"ODENetConfig.stencil_scale: must be > 0, got {self.stencil_scale!r}")
+        if not (self.input_blur >= 0 and math.isfinite(self.input_blur)):
+            raise ValueError(f"ODENetConfig.input_blur: must be >= 0, got {self.input_blur!r}")
         if self.classifier not in CLASSIFIERS:
             raise ValueError(
                 f"ODENetConfig.classifier: unknown {self.classifier!r}; valid: {sorted(CLASSIFIERS)}"
@@ -238,6 +243,8 @@ class ODENet(nn.Module):
             raise ValueError(
                 f"ODENet: expected input (B, {c.in_channels}, {c.n}, {c.n}), got {tuple(x.shape)}"
             )
+        if c.input_blur:
+            x = blur(x, c.input_blur)
         y = activation(c.activation)(self.opening(x))
         for u, unit in enumerate(self.units):
             if u:

@@ -169,6 +169,9 @@ class LevelConfig(_Strict):
     naive: bool = False  # to_resolution(naive=True): keep the stencils, move only W
     lam: float = Field(0.0, ge=0)  # regularised stencil prolongation (mscnn.transfer.prolong_stencil)
     galerkin: list[Literal["opening", "units"]] = ["opening", "units"]  # groups given Galerkin stencils
+    # the network moved into this level blurs its input as the pyramid blurred the previous
+    # level's images (ODENetConfig.input_blur; to_resolution(prefilter=pyramid.sigma))
+    prefilter: bool = False
     estimator: EstimatorConfig | None = None  # None: the plain gradient of each batch
 
     @model_validator(mode="after")
@@ -256,6 +259,9 @@ class ScheduleConfig(_Strict):
                 if lv.optim.name == "bcd":
                     raise ValueError(f"levels.{i}.optim.name: bcd trains the ODE network "
                                      "(model.arch: odenet), not resnet34")
+                if lv.prefilter:
+                    raise ValueError(f"levels.{i}.prefilter: an input blur of the ODE network "
+                                     "(model.arch: odenet), not resnet34")
                 if set(lv.galerkin) != {"opening", "units"}:
                     raise ValueError(f"levels.{i}.galerkin: layer groups are ODE-network parts; "
                                      "a resnet34 moves all its 3x3 convolutions (or none: naive)")
@@ -276,6 +282,12 @@ class ScheduleConfig(_Strict):
         # the pyramid enters by its name and PyramidConfig.identity (not where its source was
         # read from: the build refuses another content under the same name)
         d = self.model_dump(exclude={"storage_path", "experiment", "scaling", "register_model"})
+        # fields added later leave the hash of a schedule that does not use them unchanged
+        if not d["model"].get("input_blur", 1):
+            del d["model"]["input_blur"]
+        for lv in d["levels"]:
+            if not lv["prefilter"]:
+                del lv["prefilter"]
         d["pyramid"] = {**self.pyramid.identity(), "name": self.pyramid.name}
         blob = json.dumps(d, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -50,7 +50,8 @@ def _write_json(path: Path, data: dict) -> None:
 def _transfer(prev: nn.Module, cfg: ScheduleConfig, i: int) -> tuple[nn.Module, list[str]]:
     lv = cfg.levels[i]
     try:
-        return handover(prev, cfg.model_config_for(i), naive=lv.naive, lam=lv.lam, galerkin=lv.galerkin)
+        return handover(prev, cfg.model_config_for(i), naive=lv.naive, lam=lv.lam, galerkin=lv.galerkin,
+                        prefilter=cfg.pyramid.sigma if lv.prefilter else 0.0)
     except ValueError as e:
         raise ValueError(f"levels.{i}.{e}") from None
 

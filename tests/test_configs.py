@@ -38,3 +38,14 @@ def test_shipped_config_validates(path):
 def test_the_depth_schedule_doubles_to_64_steps():
     depth = load_config(CONFIGS[0].parent / "mnist_depth.yaml", ScheduleConfig)
     assert [lv.steps for lv in depth.levels] == [2, 4, 8, 16, 32, 64]
+
+
+def test_fields_added_later_keep_the_hash_of_schedules_that_leave_them_at_their_default():
+    """Runs resume by the config hash: adding a field (model.input_blur, levels[].prefilter) must not
+    orphan every run on disk. The values are those before the fields existed."""
+    path = CONFIGS[0].parent
+    single = load_config(path / "demo_single.yaml", ScheduleConfig)
+    multi = load_config(path / "demo_multiscale.yaml", ScheduleConfig)
+    assert (single.config_hash(), multi.config_hash()) == ("9d93ec772aab", "31a0de94d21c")
+    changed = load_config(path / "demo_multiscale.yaml", ScheduleConfig, {"levels.1.prefilter": True})
+    assert changed.config_hash() != multi.config_hash()

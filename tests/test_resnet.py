@@ -94,3 +94,5 @@ def test_resnet_schedules_reject_ode_network_options():
         ScheduleConfig.model_validate(base | {"levels": [{"n": 8, "optim": {"name": "bcd"}}]})
     with pytest.raises(ValueError, match=r"levels\.1\.galerkin: layer groups are ODE-network parts"):
         ScheduleConfig.model_validate(base | {"levels": [{"n": 8}, {"n": 16, "galerkin": ["units"]}]})
+    with pytest.raises(ValueError, match=r"levels\.1\.prefilter: an input blur of the ODE network"):
+        ScheduleConfig.model_validate(base | {"levels": [{"n": 8}, {"n": 16, "prefilter": True}]})

@@ -54,14 +54,15 @@ def _val_accuracy(cfg, model) -> float:
 
 @pytest.fixture(scope="module")
 def two_level(local_ray, tmp_path_factory):
-    """One two-level schedule (8 -> 16, Galerkin on the units, lam 0.5), run once for the tests
+    """One two-level schedule (8 -> 16, Galerkin on the units, lam 0.5, prefilter), run once for the tests
     below, each of which checks one property of it."""
     tmp = tmp_path_factory.mktemp("two_level")
     uri = f"sqlite:///{tmp}/mlflow.db"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         cfg = _cfg(tmp, [{"n": 8, "steps": 1, "epochs": 2},
-                         {"n": 16, "steps": 1, "epochs": 1, "lam": 0.5, "galerkin": ["units"]}])
+                         {"n": 16, "steps": 1, "epochs": 1, "lam": 0.5, "galerkin": ["units"],
+                          "prefilter": True}])
         res = run_schedule(cfg, log=lambda s: None)
         yield SimpleNamespace(cfg=cfg, res=res, d=_run_dir(cfg), uri=uri,
                               client=MlflowClient(uri))
@@ -78,14 +79,15 @@ def test_the_fine_level_starts_from_the_prolonged_best_checkpoint(two_level):
     cfg, res, d = two_level.cfg, two_level.res, two_level.d
     coarse, _ = load_checkpoint(d / "L0-n8-N1.best")
     init, lineage = load_checkpoint(d / "L1-n16-N1.init")
-    want = to_resolution(coarse, 16, lam=0.5, galerkin=["units"])
+    want = to_resolution(coarse, 16, lam=0.5, galerkin=["units"], prefilter=cfg.pyramid.sigma)
     for k, v in want.state_dict().items():
         torch.testing.assert_close(init.state_dict()[k], v, rtol=0, atol=0)
     assert torch.equal(init.opening.weight, coarse.opening.weight)  # not in galerkin: kept
-    assert lineage["transfers"] == ["to_resolution(16, lam=0.5, galerkin=['units'])"]
+    assert init.config.input_blur == pytest.approx(cfg.pyramid.sigma / 16)  # the pyramid's blur, kept
+    assert lineage["transfers"] == ["to_resolution(16, prefilter=1, lam=0.5, galerkin=['units'])"]
     assert lineage["from"].endswith("L0-n8-N1.best")
     fine, _ = load_checkpoint(res["checkpoint"])
-    assert fine.n == 16
+    assert fine.n == 16 and fine.config.input_blur == init.config.input_blur
     assert not torch.equal(fine.units[0].K, init.units[0].K)  # and it trained from there
     # the recorded start of the fine stage is the handed-over network's own val accuracy
     assert res["stages"][1]["init"]["init_val_accuracy"] == pytest.approx(_val_accuracy(cfg, init), abs=1e-9)
