@@ -46,7 +46,7 @@ def evaluate_checkpoints(fine: str | os.PathLike, coarse: str | os.PathLike,
     fine_eval, coarse_eval = data(fine_m, f"fine checkpoint {fine}"), data(coarse_m, f"coarse {coarse}")
     rows = []
     for pair in pairs or [man["pair"]]:
-        rows += transfer_rows(fine_m, coarse_m, fine_eval, coarse_eval, pair)
+        rows += transfer_rows(fine_m, coarse_m, fine_eval, coarse_eval, pair, man.get("sigma", 0.0))
     if experiment:
         tr = Tracker(experiment)
         run = tr.start_run(f"evaluate-{fine_m.n}-{coarse_m.n}",
@@ -62,11 +62,14 @@ def evaluate_checkpoints(fine: str | os.PathLike, coarse: str | os.PathLike,
 
 
 def transfer_rows(fine: ODENet, coarse: ODENet, fine_eval: Split, coarse_eval: Split,
-                  pair: str) -> list[dict]:
+                  pair: str, sigma: float = 0.0) -> list[dict]:
     """Native accuracy of both networks, and each moved to the other's resolution with Galerkin
     stencils and naively (``pair`` for both stencils and ``W``); networks with scale-consistent
     stencils (``stencil`` other than ``free``) are re-discretised, one row ``consistent`` per
-    direction. Rows ``{pair, direction, method, accuracy}``."""
+    direction. With the pyramid's blur ``sigma`` (pixels), every coarse -> fine move also
+    prefiltered (``<method>+prefilter``: ``to_resolution(prefilter=sigma)``), and fine -> coarse
+    too when the fine network carries an input blur (which that move takes off).
+    Rows ``{pair, direction, method, accuracy}``."""
     rows = [
         dict(pair=pair, direction="fine", method="native", accuracy=accuracy(fine, fine_eval)),
         dict(pair=pair, direction="coarse", method="native", accuracy=accuracy(coarse, coarse_eval)),
@@ -80,4 +83,12 @@ def transfer_rows(fine: ODENet, coarse: ODENet, fine_eval: Split, coarse_eval: S
         down = to_resolution(fine, coarse.n, naive=naive, pair=pair)
         rows.append(dict(pair=pair, direction="fine->coarse", method=method,
                          accuracy=accuracy(down, coarse_eval)))
+        if sigma:
+            up = to_resolution(coarse, fine.n, naive=naive, pair=pair, prefilter=sigma)
+            rows.append(dict(pair=pair, direction="coarse->fine", method=method + "+prefilter",
+                             accuracy=accuracy(up, fine_eval)))
+        if sigma and fine.config.input_blur:
+            down = to_resolution(fine, coarse.n, naive=naive, pair=pair, prefilter=sigma)
+            rows.append(dict(pair=pair, direction="fine->coarse", method=method + "+prefilter",
+                             accuracy=accuracy(down, coarse_eval)))
     return rows

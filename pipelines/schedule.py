@@ -32,13 +32,27 @@ from pipelines.runtime import exclusive, require_ray
 from pipelines.stage import StageSpec, run_stage
 from pipelines.tracking import Tracker, git_tags
 
-__all__ = ["LevelOutcome", "run_level", "run_schedule", "stage_name"]
+__all__ = ["LevelOutcome", "run_level", "run_schedule", "stage_name", "to_target"]
 
 
 def stage_name(cfg: ScheduleConfig, i: int) -> str:
     lv = cfg.levels[i]
     steps = lv.steps if isinstance(lv.steps, int) else "-".join(map(str, lv.steps))
     return f"L{i}-n{lv.n}-N{steps}"
+
+
+def to_target(results: dict, target: float) -> dict | None:
+    """The first epoch of a finished schedule (``run_schedule``'s results) whose validation
+    accuracy reaches ``target`` on the final level's resolution (a coarse level's accuracy is on
+    other images and does not count): ``{"seconds", "fine_equiv_epochs", "global_epoch"}`` with
+    the training wall-clock and compute spent up to it, or ``None`` if no epoch reached it."""
+    n = results["stages"][-1]["n"]
+    for stage in results["stages"]:
+        for rec in stage["history"]:
+            if rec.get("n", stage["n"]) == n and rec.get("val_accuracy", -1.0) >= target:
+                return {"seconds": rec["wallclock"], "fine_equiv_epochs": rec["fine_equiv_epochs"],
+                        "global_epoch": rec["global_epoch"]}
+    return None
 
 
 def _write_json(path: Path, data: dict) -> None:

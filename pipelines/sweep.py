@@ -36,13 +36,21 @@ __all__ = ["SweepConfig", "load_sweep", "run_sweep"]
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
+# what a trial reports; *_to_target: training wall-clock / fine-equivalent epochs until the final
+# level's val accuracy first reaches ``target`` (NOT_REACHED when it never does)
+METRICS = ("final_val_accuracy", "fine_equiv_epochs", "train_seconds", "seconds_to_target",
+           "compute_to_target")
+NOT_REACHED = 1e9
+
+
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     base: dict  # the schedule (a path in YAML, read relative to the sweep file)
     space: dict[str, dict[str, Any]] = Field(min_length=1)
-    metric: str = "final_val_accuracy"
+    metric: Literal[METRICS] = "final_val_accuracy"
     mode: Literal["max", "min"] = "max"
+    target: float | None = Field(None, gt=0, le=1)  # for the *_to_target metrics
     num_samples: int = Field(1, ge=1)
     max_concurrent_trials: int = Field(1, ge=1)  # 1 fits a 2-core machine
     trial_cpus: float = Field(0.5, ge=0)  # the trial's own driver; its Train workers ask for more
@@ -68,6 +76,13 @@ class SweepConfig(BaseModel):
             if isinstance(pyr, str) and not Path(pyr).is_absolute():
                 v["pyramid"] = str((p.parent / pyr).resolve()) if (p.parent / pyr).exists() else pyr
         return v
+
+    @model_validator(mode="after")
+    def _check_target(self) -> SweepConfig:
+        if self.metric.endswith("_to_target") and (self.target is None or self.mode != "min"):
+            raise ValueError(f"metric {self.metric}: needs target (a val accuracy, e.g. 0.97) and "
+                             "mode: min")
+        return self
 
     @model_validator(mode="after")
     def _check_space(self) -> SweepConfig:
@@ -133,7 +148,7 @@ def _trial(config: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.schedule import run_schedule
+    from pipelines.schedule import run_schedule, to_target
 
     os.environ["MLFLOW_TRACKING_URI"] = config["_mlflow_uri"]
     sweep = SweepConfig.model_validate(config["_sweep"])
@@ -144,8 +159,11 @@ def _trial(config: dict) -> None:
                                  "storage_path": config["_storage"]})
     res = run_schedule(cfg, log=print, tags={"sweep_id": config["_sweep_id"], "trial_id": trial_id},
                        train_callbacks=lambda: [TuneReportCallback()])
+    hit = to_target(res, sweep.target) if sweep.target is not None else None
     tune.report({"final_val_accuracy": res["final_val_accuracy"],
                  "val_accuracy": res["final_val_accuracy"],
+                 "seconds_to_target": hit["seconds"] if hit else NOT_REACHED,
+                 "compute_to_target": hit["fine_equiv_epochs"] if hit else NOT_REACHED,
                  "fine_equiv_epochs": res["fine_equiv_epochs"], "train_seconds": res["train_seconds"],
                  "mlflow_run_id": res["mlflow_parent_run_id"], "done_schedule": True})
 
@@ -204,10 +222,12 @@ def _run_sweep(sweep: SweepConfig, storage: Path, log) -> dict:
         m = r.metrics or {}
         trials.append({"trial_id": m.get("trial_id"), **{f"space.{k}": v for k, v in sample.items()},
                        "final_val_accuracy": m.get("final_val_accuracy"),
+                       **({k: m.get(k) for k in ("seconds_to_target", "compute_to_target")}
+                          if sweep.target is not None else {}),
                        "fine_equiv_epochs": m.get("fine_equiv_epochs"),
                        "train_seconds": m.get("train_seconds"), "error": str(r.error) if r.error else None,
                        "mlflow_run_id": m.get("mlflow_run_id")})
-    done = [t for t in trials if t["final_val_accuracy"] is not None]
+    done = [t for t in trials if t["final_val_accuracy"] is not None and t[sweep.metric] is not None]
     if not done:
         raise RuntimeError(f"sweep {sweep.name}: no trial finished; errors: "
                            f"{[t['error'] for t in trials]}")
@@ -218,7 +238,7 @@ def _run_sweep(sweep: SweepConfig, storage: Path, log) -> dict:
     raw = best_cfg.model_dump()
     best_file.write_text(f"# best of sweep {sweep.name}: {sweep.metric} = {best[sweep.metric]:.4f}\n"
                          + yaml.safe_dump(raw, sort_keys=False))
-    table = _markdown(trials, sweep.metric)
+    table = _markdown(trials, sweep.metric, sweep.mode)
     (storage / f"{sweep.name}.trials.md").write_text(table + "\n")
     tracker.log_metrics(ids["sweep"], {f"best_{sweep.metric}": best[sweep.metric],
                                        "trials": len(trials), "finished": len(done)}, step=0)
@@ -232,13 +252,16 @@ def _run_sweep(sweep: SweepConfig, storage: Path, log) -> dict:
             "mlflow_run_id": ids["sweep"]}
 
 
-def _markdown(trials: list[dict], metric: str) -> str:
+def _markdown(trials: list[dict], metric: str, mode: str = "max") -> str:
+    """The trials, best first (by ``metric`` in ``mode``; unfinished ones last)."""
     keys = [k for k in trials[0] if k.startswith("space.")]
     head = ["trial", *keys, metric, "fine-equiv epochs", "train s", "error"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for t in sorted(trials, key=lambda t: -(t[metric] or -1)):
+    sign = -1 if mode == "max" else 1
+    for t in sorted(trials, key=lambda t: (t[metric] is None, sign * (t[metric] or 0))):
+        v = t[metric]
         cells = [t["trial_id"] or "", *[json.dumps(t[k]) for k in keys],
-                 f"{t[metric]:.4f}" if t[metric] is not None else "",
+                 "" if v is None else "not reached" if v >= NOT_REACHED else f"{v:.4f}",
                  f"{t['fine_equiv_epochs']:.2f}" if t["fine_equiv_epochs"] is not None else "",
                  f"{t['train_seconds']:.0f}" if t["train_seconds"] is not None else "",
                  (t["error"] or "")[:60]]

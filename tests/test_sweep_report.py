@@ -32,7 +32,7 @@ def _sweep_from_files(tmp_path, space):
         yaml.safe_dump(BASE | {"pyramid": "syn.yaml", "pyramid_root": "pyr"}))
     (tmp_path / "configs" / "sweep.yaml").write_text(yaml.safe_dump({
         "name": "tiny", "storage_path": "sweeps", "experiment": "sw", "base": "base.yaml",
-        "space": space}))
+        "space": space, "metric": "seconds_to_target", "mode": "min", "target": 0.01}))
     return load_sweep(Path("configs") / "sweep.yaml")
 
 
@@ -97,6 +97,20 @@ def test_each_trial_is_an_mlflow_parent_run_tagged_with_the_sweep(tiny):
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_trials_are_scored_by_the_wallclock_to_the_target(tiny):
+    """metric seconds_to_target: the training wall-clock at the first epoch that reached the
+    target (here the first: every network passes 1%), as the stage logged it; best = the least."""
+    client, res = tiny.client, tiny.res
+    for t in res["trials"]:
+        kid, = client.search_runs([tiny.exp.experiment_id], f"tags.mlflow.parentRunId = '{t['mlflow_run_id']}'")
+        first = min(client.get_metric_history(kid.info.run_id, "wallclock"), key=lambda m: m.step)
+        assert t["seconds_to_target"] == pytest.approx(first.value)
+        assert t["compute_to_target"] == pytest.approx(1.0)  # one epoch at the only level
+    assert res["best"]["seconds_to_target"] == min(t["seconds_to_target"] for t in res["trials"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_the_report_reads_the_trials_back_from_mlflow(tiny):
     mp = tiny.env()
     try:
@@ -130,6 +144,32 @@ def test_the_same_sweep_again_continues_without_rerunning_trials(tiny):
     assert any("continuing sweep" in s for s in logs)
     assert sorted(t["mlflow_run_id"] for t in again["trials"]) == sorted(
         t["mlflow_run_id"] for t in tiny.res["trials"])
+
+
+def test_time_to_target_reads_the_final_level_only_and_needs_a_target():
+    from pipelines.schedule import to_target
+    from pipelines.sweep import NOT_REACHED, _markdown
+
+    def rec(n, acc, wall, comp, ge):
+        return {"n": n, "val_accuracy": acc, "wallclock": wall, "fine_equiv_epochs": comp, "global_epoch": ge}
+
+    res = {"stages": [{"n": 14, "history": [rec(14, 0.99, 5.0, 0.25, 0)]},
+                      {"n": 28, "history": [rec(28, 0.90, 20.0, 1.25, 1), rec(28, 0.97, 35.0, 2.25, 2),
+                                            rec(28, 0.98, 50.0, 3.25, 3)]}]}
+    assert to_target(res, 0.95) == {"seconds": 35.0, "fine_equiv_epochs": 2.25, "global_epoch": 2}
+    assert to_target(res, 0.99) is None  # the coarse level's 99% is on other images
+    base = {"name": "s", "base": BASE, "space": {"seed": {"grid": [0, 1]}}}
+    with pytest.raises(ValueError, match="seconds_to_target: needs target"):
+        SweepConfig.model_validate(base | {"metric": "seconds_to_target", "mode": "min"})
+    with pytest.raises(ValueError, match="needs target"):
+        SweepConfig.model_validate(base | {"metric": "seconds_to_target", "target": 0.9})  # mode max
+    with pytest.raises(ValueError, match="metric"):
+        SweepConfig.model_validate(base | {"metric": "val_acc"})
+    trials = [{"trial_id": a, "space.seed": i, "seconds_to_target": v, "fine_equiv_epochs": 1.0,
+               "train_seconds": 9.0, "error": None} for i, (a, v) in enumerate([("a", NOT_REACHED), ("b", 30.0),
+                                                                                   ("c", 20.0)])]
+    lines = _markdown(trials, "seconds_to_target", "min").splitlines()[2:]
+    assert [ln.split(" | ")[0] for ln in lines] == ["| c", "| b", "| a"] and "not reached" in lines[2]
 
 
 def test_invalid_search_space_names_the_key(tmp_path):
