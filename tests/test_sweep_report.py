@@ -102,7 +102,8 @@ def test_trials_are_scored_by_the_wallclock_to_the_target(tiny):
     target (here the first: every network passes 1%), as the stage logged it; best = the least."""
     client, res = tiny.client, tiny.res
     for t in res["trials"]:
-        kid, = client.search_runs([tiny.exp.experiment_id], f"tags.mlflow.parentRunId = '{t['mlflow_run_id']}'")
+        kid, = client.search_runs([tiny.exp.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{t['mlflow_run_id']}'")
         first = min(client.get_metric_history(kid.info.run_id, "wallclock"), key=lambda m: m.step)
         assert t["seconds_to_target"] == pytest.approx(first.value)
         assert t["compute_to_target"] == pytest.approx(1.0)  # one epoch at the only level
@@ -165,9 +166,9 @@ def test_time_to_target_reads_the_final_level_only_and_needs_a_target():
         SweepConfig.model_validate(base | {"metric": "seconds_to_target", "target": 0.9})  # mode max
     with pytest.raises(ValueError, match="metric"):
         SweepConfig.model_validate(base | {"metric": "val_acc"})
+    scores = [("a", NOT_REACHED), ("b", 30.0), ("c", 20.0)]
     trials = [{"trial_id": a, "space.seed": i, "seconds_to_target": v, "fine_equiv_epochs": 1.0,
-               "train_seconds": 9.0, "error": None} for i, (a, v) in enumerate([("a", NOT_REACHED), ("b", 30.0),
-                                                                                   ("c", 20.0)])]
+               "train_seconds": 9.0, "error": None} for i, (a, v) in enumerate(scores)]
     lines = _markdown(trials, "seconds_to_target", "min").splitlines()[2:]
     assert [ln.split(" | ")[0] for ln in lines] == ["| c", "| b", "| a"] and "not reached" in lines[2]
 
