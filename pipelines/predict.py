@@ -106,17 +106,19 @@ def to_images(model: torch.nn.Module, x: torch.Tensor, data: dict, method: str =
         for _ in range(k):
             x = restrict_image(gaussian_blur(x, data.get("sigma", 1.0)), data.get("pair", "full-weighting"))
         return model, x * scale, f"images coarsened {n_img} -> {n_net} (blur + restriction, as the pyramid)"
-    moved, how = _moved(model, n_img, k)
+    moved, how = _moved(model, n_img, k, data.get("sigma", 1.0))
     return moved, x * scale, f"network moved {n_net} -> {n_img} ({how})"
 
 
-def _moved(model: torch.nn.Module, n: int, k: int):
+def _moved(model: torch.nn.Module, n: int, k: int, sigma: float = 1.0):
     """``(network for n x n images, how)``, ``n = model.config.n * 2**k``: scale-consistent
     stencils re-discretised, free ones kept (measured at least as good as Galerkin moving down),
-    a ResNet through ``resnet_to_resolution``."""
+    prefiltered with the pyramid's ``sigma`` (a finer grid sees the bandwidth the network was
+    trained at; measured best in benchmarks/RESULTS.md), a ResNet through ``resnet_to_resolution``."""
     if isinstance(model, ODENet):
         free = model.config.stencil == "free"
-        return to_resolution(model, n, naive=free).eval(), "stencils kept" if free else "re-discretised"
+        moved = to_resolution(model, n, naive=free, prefilter=sigma).eval()
+        return moved, ("stencils kept" if free else "re-discretised") + f", prefilter {sigma:g} px"
     from mscnn.resnet import resnet_to_resolution
 
     return resnet_to_resolution(model, k).eval(), "Galerkin"
@@ -153,7 +155,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, n: int | None 
         k = _ratio(n, model.config.n)
         if k is None:
             raise ValueError(f"--n {n}: not {model.config.n} times a power of 2")
-        model, _ = _moved(model, n, k)
+        model, _ = _moved(model, n, k, _data(lineage, checkpoint).get("sigma", 1.0))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     size = model.config.n
