@@ -85,7 +85,9 @@ class MultilevelStep:
             raise ValueError(f"MultilevelStep: the finest size {sizes[-1]} must be model.n={model.n}")
         self.model = model
         self.sizes, self.batch_sizes, self.sigma = list(sizes), list(batch_sizes), sigma
-        self.forward = MultiResolutionForward(model, sizes, naive=naive, lam=lam)
+        # the coarse samples are blurred and restricted as the pyramid's: a network carrying an
+        # input blur (a prefiltered handover) loses it on those grids, as to_resolution does
+        self.forward = MultiResolutionForward(model, sizes, naive=naive, lam=lam, prefilter=sigma)
         self.pixels = 0  # total cost so far
         # the optimiser step itself is mscnn.train's one TorchStep, on the telescoping loss
         self.step = TorchStep(model, optimizer, scheduler, objective=self._loss)
@@ -120,7 +122,7 @@ def variance_ratio(model: ODENet, data: Split, fine: int, coarse: int, batch_siz
     """``rho = E||(g_f - g_c) - mean||^2 / E||g_f - mean||^2`` over ``batches`` mini-batch
     gradients (``data`` at ``fine``; the same samples coarsened to ``coarse``): below about 1 the
     coarse gradient is a useful control variate, near 0 the levels agree."""
-    forward = MultiResolutionForward(model, [coarse, fine], naive=naive)
+    forward = MultiResolutionForward(model, [coarse, fine], naive=naive, prefilter=sigma)
     g = torch.Generator().manual_seed(seed)
     gf, gd = [], []
     for _ in range(batches):

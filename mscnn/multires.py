@@ -28,15 +28,17 @@ class MultiResolutionForward:
     ``x``'s ``n`` by ``resolution_state`` (differentiable) and run through ``functional_call``."""
 
     def __init__(self, model: ODENet, sizes, naive: bool = False, lam: float = 0.0,
-                 galerkin: tuple[str, ...] | list[str] = LAYER_GROUPS) -> None:
+                 galerkin: tuple[str, ...] | list[str] = LAYER_GROUPS, prefilter: float = 0.0) -> None:
         self.model, self.naive, self.lam, self.galerkin = model, naive, lam, tuple(galerkin)
+        self.prefilter = prefilter  # to_resolution's: a model's input blur follows the pyramid's
         # one template per resolution (its own parameters are never used: functional_call replaces them)
-        self.templates = {n: ODENet(resolution_state(model, n, naive=True)[0]) for n in sizes}
+        self.templates = {n: ODENet(resolution_state(model, n, naive=True, prefilter=prefilter)[0])
+                          for n in sizes}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[-1]
         _, state = resolution_state(self.model, n, naive=self.naive, lam=self.lam,
-                                    galerkin=self.galerkin)
+                                    galerkin=self.galerkin, prefilter=self.prefilter)
         return functional_call(self.templates[n], state, (x,))
 
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mscnn.data import Split, coarsen
+from mscnn.hierarchy import to_resolution
 from mscnn.mge import MultilevelStep, mge_loss, variance_ratio
 from mscnn.multires import MultiResolutionForward
 from mscnn.ode import ODENet
@@ -85,3 +86,16 @@ def test_consistent_stencils_make_the_coarse_gradient_a_better_control_variate()
     rho_free = variance_ratio(_net("free"), d, 16, 8, naive=True)
     rho_gauss = variance_ratio(_net("gaussian"), d, 16, 8)
     assert rho_gauss < rho_free and rho_gauss < 0.5, (rho_gauss, rho_free)
+
+
+def test_a_network_carrying_an_input_blur_loses_it_on_the_coarse_grids():
+    """After a prefiltered handover the fine network blurs its input by the pyramid's sigma; the
+    coarse samples of MGE are already blurred and restricted, so the coarse copy must not blur."""
+    torch.manual_seed(0)
+    net = ODENet(channels=2, steps=1, n=16, classes=3, input_blur=1 / 16)
+    step = MultilevelStep(net, torch.optim.SGD(net.parameters(), 0.1), [8, 16], [4, 4], sigma=1.0)
+    assert step.forward.templates[16].config.input_blur == pytest.approx(1 / 16)
+    assert step.forward.templates[8].config.input_blur == 0.0
+    x = torch.randn(3, 1, 8, 8)
+    plain = to_resolution(net, 8, naive=False, prefilter=1.0)
+    torch.testing.assert_close(step.forward(x), plain(x), rtol=1e-5, atol=1e-6)
