@@ -90,7 +90,8 @@ def run_pair(kind: str, n_c: int, n_f: int, data: dict, args, seed: int) -> list
         fit(net, d["train"], args.epochs, args.lr, 128, seed)
         nets[n] = net.eval()
     probe = {n: d["test"].x[:1000] for n, d in ((n_c, coarse), (n_f, fine))}
-    rms_src = {n: state_rms(nets[n], probe[n])[-1] for n in nets}
+    rms_layers = {n: state_rms(nets[n], probe[n]) for n in nets}
+    rms_src = {n: v[-1] for n, v in rms_layers.items()}
     rows = []
 
     def add(direction, method, steps, prefilter, net, split_of, src_n):
@@ -112,7 +113,9 @@ def run_pair(kind: str, n_c: int, n_f: int, data: dict, args, seed: int) -> list
                 if prefilter == "none"
                 else _prefilter(prefilter, Split(probe[net.n], fine["test"].y[:1000]), levels).x
             )
-            r["rms_ratio"] = state_rms(net, x)[-1] / rms_src[src_n]
+            layers = state_rms(net, x)  # opening, then every Euler step (the JSON keeps them all)
+            r["rms_layers"], r["rms_src_layers"] = layers, rms_layers[src_n]
+            r["rms_ratio"] = layers[-1] / rms_src[src_n]
         rows.append(r)
         print(
             f"seed {seed} {r['pair']} {kind:8s} {direction:13s} {method:15s} {steps:8s} {prefilter:9s} "
@@ -245,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--lam", type=float, default=0.3, help="regularised prolongation (chosen on val, issue 9)"
     )
-    ap.add_argument("--val-count", type=int, default=5_000, help="validation images used for choices")
+    ap.add_argument("--val-count", type=int, default=2_000, help="validation images used for choices")
+    ap.add_argument("--stem", default="transfer_diagnostic", help="name of the result files")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir", default=None)
@@ -287,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
             for r in rows
         }
     )
-    publish(args.out, "transfer_diagnostic", md, {"args": vars(args), "rows": rows}, vars(args), metrics)
+    publish(args.out, args.stem, md, {"args": vars(args), "rows": rows}, vars(args), metrics)
 
 
 if __name__ == "__main__":
