@@ -45,7 +45,7 @@ def test_fields_added_later_keep_the_hash_of_schedules_that_leave_them_at_their_
     orphan every run on disk. The values are those before the fields existed."""
     path = CONFIGS[0].parent
     single = load_config(path / "demo_single.yaml", ScheduleConfig)
-    multi = load_config(path / "demo_multiscale.yaml", ScheduleConfig)
-    assert (single.config_hash(), multi.config_hash()) == ("9d93ec772aab", "31a0de94d21c")
-    changed = load_config(path / "demo_multiscale.yaml", ScheduleConfig, {"levels.1.prefilter": True})
+    multi = load_config(path / "mnist_multiscale.yaml", ScheduleConfig)
+    assert (single.config_hash(), multi.config_hash()) == ("9d93ec772aab", "b7cbdc700083")
+    changed = load_config(path / "mnist_multiscale.yaml", ScheduleConfig, {"levels.1.prefilter": True})
     assert changed.config_hash() != multi.config_hash()
