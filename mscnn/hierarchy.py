@@ -38,6 +38,7 @@ __all__ = [
     "LAYER_GROUPS",
     "interpolate_in_time",
     "levels_between",
+    "prefiltered_blur",
     "pyramid_blur",
     "resolution_state",
     "to_depth",
@@ -75,13 +76,18 @@ def pyramid_blur(n_from: int, n_to: int, sigma_px: float = 1.0) -> float:
     return math.sqrt(sum((sigma_px / (fine >> j)) ** 2 for j in range(abs(k))))
 
 
-def _input_blur(cfg: ODENetConfig, n: int, prefilter: float) -> float:
-    """``input_blur`` after a prefiltered move: the pyramid's blur added on the way to a finer grid,
-    taken off on the way to a coarser one (never below 0), in quadrature."""
-    if not prefilter:
-        return cfg.input_blur
-    sign = 1.0 if n > cfg.n else -1.0
-    var = cfg.input_blur**2 + sign * pyramid_blur(cfg.n, n, prefilter) ** 2
+def prefiltered_blur(input_blur: float, n_from: int, n_to: int, prefilter: float) -> float:
+    """``ODENetConfig.input_blur`` after a move ``n_from -> n_to`` with ``prefilter`` (the pyramid's
+    sigma in pixels; 0: unchanged): the pyramid's blur added on the way to a finer grid, taken off
+    on the way to a coarser one (never below 0), in quadrature.
+
+    >>> prefiltered_blur(0.0, 14, 28, 1.0) == 1 / 28, prefiltered_blur(1 / 28, 28, 14, 1.0)
+    (True, 0.0)
+    """
+    if not prefilter or n_from == n_to:
+        return input_blur
+    sign = 1.0 if n_to > n_from else -1.0
+    var = input_blur**2 + sign * pyramid_blur(n_from, n_to, prefilter) ** 2
     return math.sqrt(var) if var > 1e-12 else 0.0
 
 
@@ -122,7 +128,8 @@ def resolution_state(
             "(connective layers are 1x1 and always move unchanged)"
         )
     try:
-        new_cfg = cfg.replace(n=n, pair=pair, input_blur=_input_blur(cfg, n, prefilter))
+        blur = prefiltered_blur(cfg.input_blur, cfg.n, n, prefilter)
+        new_cfg = cfg.replace(n=n, pair=pair, input_blur=blur)
     except ValueError as e:
         raise ValueError(
             f"to_resolution: cannot move a {cfg.n}x{cfg.n} network to {n}x{n}: {e}"

@@ -273,7 +273,21 @@ class ScheduleConfig(_Strict):
         lv, m = self.levels[i], self.model.model_dump()
         kind = ARCHS[m.pop("arch")][0]
         per_level = {"n": lv.n} | ({"steps": lv.steps} if "steps" in kind.__dataclass_fields__ else {})
+        if "input_blur" in m:  # what the prefiltered handovers since the last fresh start added
+            m["input_blur"] = self._input_blur(i, m["input_blur"])
         return kind(**m, **per_level)
+
+    def _input_blur(self, i: int, base: float) -> float:
+        from mscnn.hierarchy import prefiltered_blur
+
+        blur = base
+        for j in range(i + 1):
+            lv = self.levels[j]
+            if j == 0 or lv.init == "random" or self.random_init:
+                blur = base
+            elif lv.prefilter:
+                blur = prefiltered_blur(blur, self.levels[j - 1].n, lv.n, self.pyramid.sigma)
+        return blur
 
     def config_hash(self) -> str:
         import hashlib

@@ -51,3 +51,18 @@ def test_fields_added_later_keep_the_hash_of_schedules_that_leave_them_at_their_
     changed = load_config(path / "demo_multiscale_galerkin.yaml", ScheduleConfig,
                           {"levels.1.prefilter": True})
     assert changed.config_hash() != galerkin.config_hash()
+
+
+def test_a_prefiltered_level_declares_the_input_blur_its_handover_gives():
+    """Each stage checks the incoming network against its level's config: a prefiltered handover
+    must be part of that config (and end at a fresh start)."""
+    base = {"name": "p", "kind": "multiscale",
+            "pyramid": {"name": "syn", "source": {"kind": "synthetic", "size": 16}, "levels": 3,
+                        "sigma": 2.0}}
+    cfg = ScheduleConfig.model_validate(base | {"levels": [
+        {"n": 4}, {"n": 8, "prefilter": True}, {"n": 16, "prefilter": True}, {"n": 8, "prefilter": True},
+        {"n": 16, "init": "random"}]})
+    blurs = [cfg.model_config_for(i).input_blur for i in range(5)]
+    assert blurs[0] == 0.0 and blurs[1] == pytest.approx(2 / 8)
+    assert blurs[2] == pytest.approx((4 / 64 + 4 / 256) ** 0.5)  # 2 px at 8, then 2 px at 16
+    assert blurs[3] == pytest.approx(2 / 8) and blurs[4] == 0.0  # taken off going down; fresh start
