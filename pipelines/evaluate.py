@@ -67,7 +67,7 @@ def transfer_rows(fine: ODENet, coarse: ODENet, fine_eval: Split, coarse_eval: S
     stencils and naively (``pair`` for both stencils and ``W``); networks with scale-consistent
     stencils (``stencil`` other than ``free``) are re-discretised, one row ``consistent`` per
     direction. With the pyramid's blur ``sigma`` (pixels), every coarse -> fine move also
-    prefiltered (``<method>+prefilter``: ``to_resolution(prefilter=sigma)``), and fine -> coarse
+    prefiltered (``<method>-prefilter``: ``to_resolution(prefilter=sigma)``), and fine -> coarse
     too when the fine network carries an input blur (which that move takes off).
     Rows ``{pair, direction, method, accuracy}``."""
     rows = [
@@ -85,10 +85,10 @@ def transfer_rows(fine: ODENet, coarse: ODENet, fine_eval: Split, coarse_eval: S
                          accuracy=accuracy(down, coarse_eval)))
         if sigma:
             up = to_resolution(coarse, fine.n, naive=naive, pair=pair, prefilter=sigma)
-            rows.append(dict(pair=pair, direction="coarse->fine", method=method + "+prefilter",
+            rows.append(dict(pair=pair, direction="coarse->fine", method=method + "-prefilter",
                              accuracy=accuracy(up, fine_eval)))
         if sigma and fine.config.input_blur:
             down = to_resolution(fine, coarse.n, naive=naive, pair=pair, prefilter=sigma)
-            rows.append(dict(pair=pair, direction="fine->coarse", method=method + "+prefilter",
+            rows.append(dict(pair=pair, direction="fine->coarse", method=method + "-prefilter",
                              accuracy=accuracy(down, coarse_eval)))
     return rows

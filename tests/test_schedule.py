@@ -143,12 +143,13 @@ def test_cross_resolution_evaluation_of_the_two_stages(two_level):
                                     Path(cfg.pyramid_root) / "syn", experiment="test")
     got = {(r["direction"], r["method"]): r["accuracy"] for r in rows}
     moves = {(d, m + p) for d in ("coarse->fine", "fine->coarse") for m in ("galerkin", "naive")
-             for p in ("", "+prefilter")}  # the fine stage carries the pyramid's blur: both ways
+             for p in ("", "-prefilter")}  # the fine stage carries the pyramid's blur: both ways
     assert set(got) == {("fine", "native"), ("coarse", "native")} | moves
     assert got[("coarse", "native")] == pytest.approx(res["stages"][0]["best_val_accuracy"])
     assert got[("fine", "native")] == pytest.approx(res["stages"][1]["best_val_accuracy"])
     ev = client.search_runs([client.get_experiment_by_name("test").experiment_id], "tags.kind = 'evaluate'")
     assert len(ev) == 1 and "full-weighting/coarse_to_fine/galerkin" in ev[0].data.metrics
+    assert "full-weighting/coarse_to_fine/naive-prefilter" in ev[0].data.metrics
 
 
 def test_a_rerun_skips_finished_levels_and_resumes_at_the_first_unfinished(two_level):
