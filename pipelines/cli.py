@@ -230,6 +230,14 @@ def _pyramid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _absolute_data_dir() -> None:
+    """A relative ``MSCNN_DATA_DIR`` made absolute before Ray starts: sweep trials and Train
+    workers inherit the variable but run in folders of their own."""
+    d = os.environ.get("MSCNN_DATA_DIR")
+    if d and not os.path.isabs(d):
+        os.environ["MSCNN_DATA_DIR"] = os.path.abspath(d)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mscnn", description="Multiscale training of CNNs")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -304,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     pyr.set_defaults(func=_pyramid)
     ap.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
+    _absolute_data_dir()
     try:
         return args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:

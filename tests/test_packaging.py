@@ -1,5 +1,6 @@
 """What a plain ``pip install`` (not editable) gets: the shipped configs, usable by name."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -40,3 +41,17 @@ def test_the_wheel_ships_every_config(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {f"pipelines/configs/{p.name}" for p in (ROOT / "configs").glob("*.yaml")}
     assert len(shipped) >= 10 and shipped <= names
+
+
+def test_a_relative_data_dir_variable_is_made_absolute_before_ray_starts(tmp_path, monkeypatch):
+    """Sweep trials inherit MSCNN_DATA_DIR but run in their own folders: relative, it pointed
+    nowhere there (found running configs/sweep_multiscale.yaml with MSCNN_DATA_DIR=../shared/...)."""
+    from pipelines.cli import _absolute_data_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MSCNN_DATA_DIR", "data/mnist")
+    _absolute_data_dir()
+    assert os.environ["MSCNN_DATA_DIR"] == str(tmp_path / "data" / "mnist")
+    monkeypatch.setenv("MSCNN_DATA_DIR", "/already/absolute")
+    _absolute_data_dir()
+    assert os.environ["MSCNN_DATA_DIR"] == "/already/absolute"
