@@ -272,11 +272,12 @@ def build_pyramid(cfg: PyramidConfig, out: str | os.PathLike, verify: bool = Fal
     """Build the pyramid ``cfg`` under ``out/<name>`` with Ray Data. Returns ``(path, built)``;
     ``built`` is False when the same pyramid was already there (nothing is done then; its shards'
     sizes are checked, and with ``verify`` their SHA-256). One build per pyramid at a time (a lock
-    beside it); temporary folders of a killed build are removed."""
+    beside it: a second build of it, e.g. by a concurrent sweep trial, waits and then finds it
+    built); temporary folders of a killed build are removed."""
     target = Path(out) / cfg.name
     cfg = _with_recorded_source(cfg, target)
     info, checksums, splits = _load_source(cfg)
-    with exclusive(Path(out) / f".{cfg.name}.lock", f"building pyramid {cfg.name} in {out}"):
+    with exclusive(Path(out) / f".{cfg.name}.lock", f"building pyramid {cfg.name} in {out}", wait=True):
         for stale in Path(out).glob(f".{cfg.name}.tmp-*"):  # left by a killed build (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         return _build(cfg, target, info, checksums, splits, verify)

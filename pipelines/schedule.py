@@ -230,6 +230,11 @@ def _run_schedule(cfg: ScheduleConfig, run_dir: Path, chash: str, log, extra, ta
     if ids and not tracker.has_run(ids.get("parent", "")):  # another store, or the old one deleted
         log(f"MLflow runs of the earlier attempt are not in {tracker.uri}: this schedule gets new runs")
         ids = {}
+    finished = run_dir / "results.json"
+    if ids and finished.exists() and all((run_dir / f"{stage_name(cfg, i)}.done.json").exists()
+                                         for i in range(len(cfg.levels))):
+        log(f"schedule {cfg.name} finished before ({finished}); nothing to run (--fresh reruns it)")
+        return json.loads(finished.read_text())
     data = {"input_scale": input_scale(manifest), "classes": manifest["source"]["classes"],
             "sigma": manifest["sigma"], "pair": manifest["pair"], "pyramid": pyramid.name,
             "config_hash": manifest["config_hash"]}

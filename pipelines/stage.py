@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from ray.train import UserCallback
 
 from mscnn.checkpoint import load_checkpoint, save_checkpoint
@@ -331,19 +332,52 @@ def train_func(config: dict) -> None:
             break
 
 
-def resolve_gpu(scaling: dict, poll_s: float = 5.0) -> bool:
-    """Whether the stage's workers take GPUs. ``use_gpu: auto``: when the cluster has GPUs now.
-    ``true``: the workers' GPUs are requested from the autoscaler (``request_resources``, so GPU
-    nodes are added from zero) and awaited up to ``gpu_wait_s``; a cluster that never gets them is
-    a ``ValueError`` naming what was asked for."""
+def scalable_gpus() -> float:
+    """GPUs the cluster's autoscaler could provide, 0 without one: what it reports to the GCS
+    (node types' ``GPU`` x ``max_count``, as Ray Train V2 reads it; newer autoscalers), else the
+    autoscaling config on this (head) node that ``ray up`` writes, resources filled in per
+    instance type: ``~/ray_bootstrap_config.yaml`` or ``MSCNN_AUTOSCALER_CONFIG``
+    (``available_node_types``' ``GPU`` x ``max_workers``)."""
+    from ray._private.state import state
+
+    try:
+        reported = float((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0))
+    except Exception:  # noqa: BLE001 (nothing reported or reachable: try the config file)
+        reported = 0.0
+    if reported:
+        return reported
+    path = Path(os.environ.get("MSCNN_AUTOSCALER_CONFIG", "~/ray_bootstrap_config.yaml")).expanduser()
+    try:
+        types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types") or {}
+        return float(sum(float((t.get("resources") or {}).get("GPU", 0)) * int(t.get("max_workers", 0))
+                         for t in types.values()))
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
+        return 0.0
+
+
+def resolve_gpu(scaling: dict, poll_s: float = 5.0, log: Callable[[str], None] = print) -> bool:
+    """Whether the stage's workers take GPUs. ``use_gpu: auto``: when the cluster has the GPUs
+    now, or when its autoscaler's node types can provide them (``scalable_gpus``: a GPU group at
+    ``min_workers: 0`` has none yet); then as ``true``: the workers' GPUs are requested from the
+    autoscaler (``request_resources``, so GPU nodes are added from zero) and awaited up to
+    ``gpu_wait_s``; a cluster that never gets them is a ``ValueError`` naming what was asked for."""
     import ray
     from ray.autoscaler.sdk import request_resources
 
     want, workers = scaling["use_gpu"], max(scaling["num_workers"], 1)
-    if want == "auto" or not want:
-        return bool(want) and ray.cluster_resources().get("GPU", 0) > 0
     need = scaling["gpus_per_worker"] * workers
-    if ray.cluster_resources().get("GPU", 0) >= need:
+    have = ray.cluster_resources().get("GPU", 0)
+    if want == "auto":
+        if have > 0:
+            return True
+        offered = scalable_gpus()
+        if offered < need:
+            return False
+        log(f"use_gpu: auto: no GPU yet, the autoscaler's node types offer {offered:g}; "
+                f"requesting {need:g} and waiting up to {scaling['gpu_wait_s']:g} s")
+    elif not want:
+        return False
+    if have >= need:
         return True
     bundle = {"GPU": scaling["gpus_per_worker"], "CPU": scaling["cpus_per_worker"]}
     request_resources(bundles=[bundle] * workers)
@@ -355,7 +389,7 @@ def resolve_gpu(scaling: dict, poll_s: float = 5.0) -> bool:
                 return True
     finally:
         request_resources(bundles=[])  # the stage's own request now holds them; let them go after
-    raise ValueError(f"scaling.use_gpu: true needs {need:g} GPU(s) ({workers} worker(s) x "
+    raise ValueError(f"scaling.use_gpu: {str(want).lower()} needs {need:g} GPU(s) ({workers} worker(s) x "
                      f"{scaling['gpus_per_worker']:g}); the cluster has "
                      f"{ray.cluster_resources().get('GPU', 0):g} and no GPU node came up within "
                      f"scaling.gpu_wait_s = {scaling['gpu_wait_s']:g} s (is there a GPU node type "

@@ -13,14 +13,18 @@ A sweep config names a base schedule and a search space over its fields (dotted 
 Following Ray 2.60 (Train V2), the trial is a function that runs the schedule; each stage's
 ``TorchTrainer`` gets ``TuneReportCallback`` so per-epoch metrics reach Tune (ASHA can stop weak
 trials on ``val_accuracy`` against cumulative ``fine_equiv_epochs``). Every trial is an MLflow
-parent run tagged with the sweep id; the sweep itself is a run holding the summary. An interrupted
-sweep continues with ``Tuner.restore``; finished trials are not rerun.
+parent run tagged with the sweep id; the sweep itself is a run holding the summary. Run again, an
+interrupted sweep continues: the samples are seeded (``seed``) and each trial's schedule is named by
+its place in that order, so finished trials and levels are found and not rerun (``Tuner.restore`` is
+not used: it ignores ``max_concurrent_trials``, ray#40652).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -154,7 +158,9 @@ def _trial(config: dict) -> None:
     sweep = SweepConfig.model_validate(config["_sweep"])
     trial_id = tune.get_context().get_trial_id()
     sample = {k.replace("__", "."): v for k, v in config.items() if not k.startswith("_")}
-    cfg = sweep.schedule(sample, name=f"{sweep.name}-{trial_id}")
+    # named by the trial's place in the (seeded) sample order, not by Tune's per-run id: a rerun
+    # of the sweep finds each trial's schedule, finished levels and MLflow runs again
+    cfg = sweep.schedule(sample, name=f"{sweep.name}-{trial_id.rsplit('_', 1)[-1]}")
     cfg = cfg.model_copy(update={"experiment": sweep.experiment,
                                  "storage_path": config["_storage"]})
     res = run_schedule(cfg, log=print, tags={"sweep_id": config["_sweep_id"], "trial_id": trial_id},
@@ -166,6 +172,12 @@ def _trial(config: dict) -> None:
                  "compute_to_target": hit["fine_equiv_epochs"] if hit else NOT_REACHED,
                  "fine_equiv_epochs": res["fine_equiv_epochs"], "train_seconds": res["train_seconds"],
                  "mlflow_run_id": res["mlflow_parent_run_id"], "done_schedule": True})
+
+
+def _last_line(error: BaseException) -> str:
+    """A trial's error as its last line (``ValueError: ...``), without Ray's traceback and colours."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def load_sweep(path: str | os.PathLike, overrides: dict | None = None) -> SweepConfig:
@@ -183,6 +195,7 @@ def run_sweep(sweep: SweepConfig, log=print) -> dict:
 
 def _run_sweep(sweep: SweepConfig, storage: Path, log) -> dict:
     from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     path = storage / sweep.name
     uri = tracking_uri()
@@ -196,25 +209,31 @@ def _run_sweep(sweep: SweepConfig, storage: Path, log) -> dict:
                                                  "num_samples": sweep.num_samples})
         ids_file.write_text(json.dumps(ids))
     trainable = tune.with_resources(_trial, {"cpu": sweep.trial_cpus})
-    if tune.Tuner.can_restore(str(path)):
-        log(f"continuing sweep {path} (finished trials are not rerun)")
-        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=True)
-    else:
-        scheduler = None
-        if sweep.scheduler == "asha":
-            scheduler = tune.schedulers.ASHAScheduler(
-                time_attr="fine_equiv_epochs", metric="val_accuracy", mode="max",
-                grace_period=sweep.grace_period, max_t=10_000)
-        param_space = _tune_space(sweep.space) | {
-            "_sweep": _with_absolute_paths(sweep).model_dump(), "_sweep_id": sweep.name, "_mlflow_uri": uri,
-            "_storage": str(storage / f"{sweep.name}-runs")}
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(num_samples=sweep.num_samples, scheduler=scheduler,
-                                        max_concurrent_trials=sweep.max_concurrent_trials),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage),
-                                      failure_config=tune.FailureConfig(max_failures=1)),
-        )
+    if path.exists():
+        # Not Tuner.restore: a restored experiment resumes every unfinished trial at once,
+        # ignoring max_concurrent_trials (ray#40652; on 2 CPUs nothing then progresses). The same
+        # seeded samples in a fresh run find their schedules' finished levels instead.
+        log(f"continuing sweep {path} (finished trials and levels are not rerun)")
+        shutil.rmtree(path)  # Tune's bookkeeping only; the schedules live in <name>-runs
+    scheduler = None
+    if sweep.scheduler == "asha":
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="fine_equiv_epochs", metric="val_accuracy", mode="max",
+            grace_period=sweep.grace_period, max_t=10_000)
+    param_space = _tune_space(sweep.space) | {
+        "_sweep": _with_absolute_paths(sweep).model_dump(), "_sweep_id": sweep.name, "_mlflow_uri": uri,
+        "_storage": str(storage / f"{sweep.name}-runs")}
+    tuner = tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(num_samples=sweep.num_samples, scheduler=scheduler,
+                                    # the limit goes to the generator: given a search_alg,
+                                    # Tune ignores max_concurrent_trials (tune.py, 2.60)
+                                    search_alg=BasicVariantGenerator(
+                                        random_state=sweep.seed,
+                                        max_concurrent=sweep.max_concurrent_trials)),
+        run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage),
+                                  failure_config=tune.FailureConfig(max_failures=1)),
+    )
     grid = tuner.fit()
     trials = []
     for r in grid:
@@ -225,7 +244,7 @@ def _run_sweep(sweep: SweepConfig, storage: Path, log) -> dict:
                        **({k: m.get(k) for k in ("seconds_to_target", "compute_to_target")}
                           if sweep.target is not None else {}),
                        "fine_equiv_epochs": m.get("fine_equiv_epochs"),
-                       "train_seconds": m.get("train_seconds"), "error": str(r.error) if r.error else None,
+                       "train_seconds": m.get("train_seconds"), "error": _last_line(r.error) if r.error else None,
                        "mlflow_run_id": m.get("mlflow_run_id")})
     done = [t for t in trials if t["final_val_accuracy"] is not None and t[sweep.metric] is not None]
     if not done:

@@ -74,8 +74,9 @@ def _ray_start(script: str, args, env, tries: int = 3) -> None:
         time.sleep(2)
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("cluster")
     temp = Path(tempfile.mkdtemp(prefix="mscnn-rc-", dir="/tmp"))  # short: Ray's socket paths
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -212,3 +213,44 @@ def test_multiscale_job_on_two_node_cluster(cluster, tmp_path):
         assert str(shared) in stage["checkpoint"]
         assert len(set(stage["nodes"])) == 2, stage["nodes"]
     assert list((run_dir / "cluster-ms-" f"{results['config_hash']}-L0-n8-N1").glob("checkpoint_*"))
+
+
+def test_the_readmes_job_submit_runs_as_written_from_a_fresh_clone(cluster, tmp_path):
+    """README.md's `ray job submit` block, copied as a user copies it, run in a fresh clone; only
+    the head's address, the tracking server and `/shared` are this test's. The demo's two stages
+    on MNIST's demo subset run on the cluster; the runs reach the tracking server, the outputs the
+    shared folder."""
+    from mlflow.tracking import MlflowClient
+
+    from mscnn.data import find_mnist_dir
+    from tests.readme import fresh_clone, readme_command
+
+    try:
+        mnist = find_mnist_dir()
+    except FileNotFoundError as e:
+        pytest.skip(f"real MNIST not staged here: {e}")
+    shared = cluster["shared"]
+    (shared / "data").mkdir(exist_ok=True)
+    (shared / "data" / "mnist").symlink_to(mnist)
+    cmd = (readme_command("RAY_AUTH_MODE=token ray job submit")
+           .replace("http://127.0.0.1:8265", cluster["dashboard"])
+           .replace("http://127.0.0.1:5000", cluster["mlflow"]).replace("/shared", str(shared)))
+    repo = fresh_clone(tmp_path / "mscnn")
+    env = {k: v for k, v in cluster["env"].items()
+           if k not in ("RAY_AUTH_MODE", "MLFLOW_TRACKING_URI", "MSCNN_DATA_DIR")}
+    for _ in range(30):  # the job agent comes up a little after the dashboard's port
+        sub = subprocess.run(["bash", "-c", cmd], cwd=repo, env=env, capture_output=True, text=True,
+                             timeout=900)
+        if "No available agent" not in sub.stderr:
+            break
+        time.sleep(4)
+    assert sub.returncode == 0, sub.stdout[-4000:] + sub.stderr[-4000:]
+    assert "succeeded" in (sub.stdout + sub.stderr).lower()
+    client = MlflowClient(cluster["mlflow"])
+    exp = client.get_experiment_by_name("mscnn")
+    parent, = [r for r in client.search_runs([exp.experiment_id], "tags.schedule = 'demo-multiscale'")
+               if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["final_val_accuracy"] > 0.5
+    run_dir, = (shared / "ray_results").glob("demo-multiscale-*")
+    assert (run_dir / "results.json").is_file()
+    assert (shared / "pyramids" / "mnist-demo" / "manifest.json").is_file()

@@ -2,10 +2,13 @@
 Each case of issue 17 that can run here, with the error it must give."""
 
 import gzip
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from mscnn.data import list_image_folder, stratified_limit
@@ -18,6 +21,8 @@ from pipelines.pyramid import (
     load_level,
 )
 from pipelines.runtime import exclusive
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _folder(root, counts: dict[str, int], split="train"):
@@ -252,6 +257,67 @@ def test_use_gpu_true_asks_the_autoscaler_and_fails_clearly_when_no_gpu_comes(lo
     assert 2 <= time.monotonic() - t0 < 10
     assert resolve_gpu(scaling | {"use_gpu": "auto"}) is False
     assert resolve_gpu(scaling | {"use_gpu": False}) is False
+
+
+@pytest.mark.ray
+def test_use_gpu_auto_asks_for_the_gpus_the_autoscalers_node_types_offer(local_ray):
+    """A GPU node group at min_workers 0 has no GPU yet: ``auto`` read only the GPUs present and
+    trained on the head's CPUs. Now it reads the node types the autoscaler reports to the GCS (the
+    real report's key and protobuf, written here as an autoscaler would), requests the GPUs and
+    waits for them; with no GPU group offered it stays on the CPUs at once."""
+    import time
+
+    import ray._raylet as raylet
+    from ray.core.generated import autoscaler_pb2
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    from pipelines.stage import resolve_gpu, scalable_gpus
+
+    ns, key = raylet.GCS_AUTOSCALER_STATE_NAMESPACE, raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY
+    config = autoscaler_pb2.ClusterConfig(node_group_configs=[
+        autoscaler_pb2.NodeGroupConfig(name="head", resources={"CPU": 4}, max_count=1),
+        autoscaler_pb2.NodeGroupConfig(name="gpu", resources={"CPU": 8, "GPU": 1}, min_count=0,
+                                       max_count=4)])
+    scaling = {"use_gpu": "auto", "num_workers": 2, "gpus_per_worker": 1, "cpus_per_worker": 1,
+               "gpu_wait_s": 2}
+    assert scalable_gpus() == 0
+    _internal_kv_put(key, config.SerializeToString(), overwrite=True, namespace=ns)
+    try:
+        assert scalable_gpus() == 4
+        logs = []
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match=r"use_gpu: auto needs 2 GPU\(s\) \(2 worker\(s\) x 1\); "
+                                             r"the cluster has 0 and no GPU node came up within"):
+            resolve_gpu(scaling, poll_s=0.5, log=logs.append)
+        assert 2 <= time.monotonic() - t0 < 10
+        assert logs == ["use_gpu: auto: no GPU yet, the autoscaler's node types offer 4; requesting 2 "
+                        "and waiting up to 2 s"]
+        assert resolve_gpu(scaling | {"num_workers": 5}, log=logs.append) is False  # 5 > 4 offered
+    finally:
+        _internal_kv_del(key, namespace=ns)
+    assert scalable_gpus() == 0
+
+
+@pytest.mark.ray
+def test_use_gpu_auto_reads_the_launchers_node_types_on_the_head(local_ray, tmp_path, monkeypatch):
+    """Ray 2.60's autoscalers do not report node types to the GCS; ``ray up`` writes them to the
+    head (``~/ray_bootstrap_config.yaml``, resources filled in per instance type). Here: this
+    project's ``cluster/aws-gpu.yaml`` as the launcher writes it (g5.xlarge: 4 CPUs, 1 GPU), read
+    through ``MSCNN_AUTOSCALER_CONFIG``: its gpu group (0 to 4 nodes) offers 4 GPUs."""
+    from pipelines.stage import resolve_gpu, scalable_gpus
+
+    config = yaml.safe_load((ROOT / "cluster" / "aws-gpu.yaml").read_text())
+    config["available_node_types"]["gpu"]["resources"] = {"CPU": 4, "GPU": 1}
+    (tmp_path / "bootstrap.yaml").write_text(json.dumps(config))  # the launcher writes JSON
+    monkeypatch.setenv("MSCNN_AUTOSCALER_CONFIG", str(tmp_path / "bootstrap.yaml"))
+    assert scalable_gpus() == 4
+    logs = []
+    with pytest.raises(ValueError, match=r"use_gpu: auto needs 1 GPU\(s\)"):
+        resolve_gpu({"use_gpu": "auto", "num_workers": 1, "gpus_per_worker": 1, "cpus_per_worker": 1,
+                     "gpu_wait_s": 1}, poll_s=0.5, log=logs.append)
+    assert "the autoscaler's node types offer 4" in logs[0]
+    monkeypatch.setenv("MSCNN_AUTOSCALER_CONFIG", str(tmp_path / "none.yaml"))
+    assert scalable_gpus() == 0
 
 
 @pytest.mark.ray

@@ -113,6 +113,33 @@ def test_crash_mid_build_leaves_no_pyramid(local_ray, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [".crash.lock"]  # no pyramid, no temporary folder
 
 
+def test_a_second_build_of_the_same_pyramid_waits_for_the_first(local_ray, tmp_path):
+    """Two sweep trials starting at once build the same pyramid: the second waits for the lock
+    (it was refused before: the trial failed) and then finds the pyramid the first built."""
+    import threading
+    import time
+
+    from pipelines.runtime import exclusive
+
+    first = build_pyramid(_syn(name="once", count=40), tmp_path)
+    held, release = threading.Event(), threading.Event()
+
+    def other_build():
+        with exclusive(tmp_path / ".once.lock", "the other build"):
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=other_build)
+    t.start()
+    held.wait(30)
+    threading.Timer(2.0, release.set).start()
+    t0 = time.perf_counter()
+    second = build_pyramid(_syn(name="once", count=40), tmp_path)
+    t.join()
+    assert time.perf_counter() - t0 >= 1.5  # it waited for the holder
+    assert first == (tmp_path / "once", True) and second == (tmp_path / "once", False)
+
+
 def test_bad_inputs_fail_before_any_work(tmp_path):
     # size not divisible by 2**(levels-1)
     cfg = PyramidConfig(name="x", source=SourceConfig(kind="synthetic", size=12, count=10), levels=4)

@@ -3,6 +3,7 @@
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -145,6 +146,44 @@ def test_the_same_sweep_again_continues_without_rerunning_trials(tiny):
     assert any("continuing sweep" in s for s in logs)
     assert sorted(t["mlflow_run_id"] for t in again["trials"]) == sorted(
         t["mlflow_run_id"] for t in tiny.res["trials"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_whose_first_run_failed_reruns_its_trials_one_at_a_time(local_ray, tmp_path, monkeypatch):
+    """The first run fails in every trial (the IDX files are not there yet); run again once they
+    are, the trials run one after the other as ``max_concurrent_trials: 1`` asks. ``Tuner.restore``
+    resumed all errored trials at once (ray#40652): their runs overlapped, or on 2 CPUs hung."""
+    import gzip
+
+    from mscnn.data import synthetic
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    data = tmp_path / "idx"
+    data.mkdir()
+    sweep = SweepConfig.model_validate({
+        "name": "again", "storage_path": str(tmp_path / "sweeps"), "experiment": "again",
+        "space": {"levels.0.optim.lr": {"grid": [0.01, 0.003]}},
+        "base": BASE | {"levels": [{"n": 14, "steps": 1, "epochs": 1}],
+                        "pyramid_root": str(tmp_path / "pyr"), "pyramid": {
+            "name": "idx", "levels": 2, "n_val": 40,
+            "source": {"kind": "idx", "path": str(data), "idx": {"train": ["x.gz", "y.gz"]}}}}})
+    with pytest.raises(RuntimeError, match=r"sweep again: no trial finished; errors: \['\w*Error: .*x\.gz"):
+        run_sweep(sweep, log=lambda s: None)
+    x, y = synthetic(200, 28)
+    for name, a in (("x.gz", np.clip(x[:, 0] * 255, 0, 255)), ("y.gz", y)):
+        head = bytes([0, 0, 0x08, a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
+        (data / name).write_bytes(gzip.compress(head + a.astype(np.uint8).tobytes()))
+    logs = []
+    res = run_sweep(sweep, log=logs.append)
+    assert any("continuing sweep" in s for s in logs)
+    assert [t["error"] for t in res["trials"]] == [None, None]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("again").experiment_id],
+                              "tags.sweep_id = 'again' and tags.kind = 'single'")
+    spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
+    assert len(spans) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert spans[0][1] <= spans[1][0], f"the two trials ran at the same time: {spans}"
 
 
 def test_time_to_target_reads_the_final_level_only_and_needs_a_target():
