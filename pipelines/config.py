@@ -196,8 +196,8 @@ class LevelConfig(_Strict):
 class ScalingModel(_Strict):
     num_workers: int = Field(1, ge=0)  # 0: run in the driver (fast tests; no checkpoints persisted)
     # auto: GPUs when the cluster has them now or its autoscaler's node types offer them (then as
-    # true; pipelines.stage.scalable_gpus); true: GPUs, waiting up to gpu_wait_s for an autoscaler to add GPU nodes (their
-    # resources are requested), else a clear error
+    # true; pipelines.stage.scalable_gpus); true: GPUs, waiting up to gpu_wait_s for an
+    # autoscaler to add GPU nodes (their resources are requested), else a clear error
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)

@@ -244,7 +244,8 @@ def _run_sweep(sweep: SweepConfig, storage: Path, log) -> dict:
                        **({k: m.get(k) for k in ("seconds_to_target", "compute_to_target")}
                           if sweep.target is not None else {}),
                        "fine_equiv_epochs": m.get("fine_equiv_epochs"),
-                       "train_seconds": m.get("train_seconds"), "error": _last_line(r.error) if r.error else None,
+                       "train_seconds": m.get("train_seconds"),
+                       "error": _last_line(r.error) if r.error else None,
                        "mlflow_run_id": m.get("mlflow_run_id")})
     done = [t for t in trials if t["final_val_accuracy"] is not None and t[sweep.metric] is not None]
     if not done:
