@@ -157,6 +157,8 @@ def _sweep(args: argparse.Namespace) -> int:
     from pipelines.sweep import load_sweep, run_sweep
 
     sweep = load_sweep(args.config, parse_overrides(args.set or []))
+    if args.data_dir:  # the trials' schedules find their source through it (absolute: own folders)
+        os.environ["MSCNN_DATA_DIR"] = os.path.abspath(args.data_dir)
     # a trial (its driver), its Train worker and Ray Data's read tasks need more logical CPUs than
     # there are cores on a small machine, or lazy reads wait forever
     init_ray(args.address, num_cpus=max(4, 2 * (os.cpu_count() or 1)), quiet=not args.verbose)
@@ -289,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     sw = sub.add_parser("sweep", help="Ray Tune sweep over schedules; resumable")
     sw.add_argument("--config", required=True, help="e.g. configs/sweep_mnist.yaml")
     sw.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    sw.add_argument("--data-dir", help="folder of the base schedule's source data, for every trial "
+                    "(sets MSCNN_DATA_DIR)")
     sw.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="override sweep fields")
     sw.add_argument("--verbose", action="store_true", help="show Ray's worker and data logs")
     sw.set_defaults(func=_sweep)

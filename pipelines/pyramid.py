@@ -8,8 +8,9 @@ Layout of a pyramid ``<out>/<name>/``::
                                            label (int64), index (int64)
 
 Level 0 holds the source images scaled to [0, 1]; level k is
-``restrict_image(gaussian_blur(level k-1, sigma), pair)`` computed in ``map_batches`` by the plain
-function ``next_level``. A pyramid is built in a temporary folder beside its target and renamed
+``restrict_image(gaussian_blur(level k-1, sigma), pair)`` (the plain function ``next_level``). One
+Ray Data ``map_batches`` pass (``write_levels``) takes each block of source images through every
+level and writes its shards. A pyramid is built in a temporary folder beside its target and renamed
 when whole; the same config again does no work, and a different pyramid is never overwritten.
 """
 
@@ -234,19 +235,45 @@ def _load_source(cfg: PyramidConfig) -> tuple[dict, dict, dict[str, tuple[np.nda
     return info, checksums, splits
 
 
-def _arrow_blocks(x: np.ndarray, y: np.ndarray, rows: int, split: str) -> list[pa.Table]:
+def _arrow_blocks(x: np.ndarray, y: np.ndarray, rows: int, split: str, first_part: int) -> list[pa.Table]:
+    """The source split as Arrow tables of ``rows`` images each, as read (uint8 stays uint8: the
+    conversion to [0, 1] runs in the build's tasks), numbered ``part`` from ``first_part``."""
     from ray.data.extensions import ArrowTensorArray
 
     out = []
-    for i in range(0, len(y), rows):
-        xi = mdata.unit_images(x[i : i + rows])
+    for j, i in enumerate(range(0, len(y), rows)):
+        xi = np.ascontiguousarray(x[i : i + rows])
         out.append(pa.table({
-            "image": ArrowTensorArray.from_numpy(np.ascontiguousarray(xi)),
+            "image": ArrowTensorArray.from_numpy(xi),
             "label": pa.array(y[i : i + rows], pa.int64()),
             "index": pa.array(np.arange(i, i + len(xi), dtype=np.int64)),
             "split": pa.array([split] * len(xi), pa.string()),
+            "part": pa.array([first_part + j] * len(xi), pa.int64()),
         }))
     return out
+
+
+def write_levels(batch: dict[str, np.ndarray], out: str, levels: int, sigma: float,
+                 pair: str) -> dict[str, np.ndarray]:
+    """One block of source images through every level: level 0 = the images in [0, 1], level k =
+    ``next_level`` of level k-1, each written to ``out/level=k/split=<split>/part-<part>.parquet``
+    (columns image, label, index). One pass per block, so the build reads and transforms each image
+    once (Ray's ``write_parquet`` writes one dataset to one place: chained per level, it recomputed
+    the levels below each one). Returns the block's ``part`` and row count."""
+    import pyarrow.parquet as pq
+    from ray.data.extensions import ArrowTensorArray
+
+    split, part = str(batch["split"][0]), int(batch["part"][0])
+    cols = {"image": mdata.unit_images(np.asarray(batch["image"]))}
+    label, index = pa.array(batch["label"], pa.int64()), pa.array(batch["index"], pa.int64())
+    for k in range(levels):
+        if k:
+            cols = next_level(cols, sigma, pair)
+        d = Path(out) / f"level={k}" / f"split={split}"
+        d.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"image": ArrowTensorArray.from_numpy(np.ascontiguousarray(cols["image"])),
+                                 "label": label, "index": index}), d / f"part-{part:05d}.parquet")
+    return {"part": np.array([part]), "rows": np.array([len(index)])}
 
 
 # ---------------------------------------------------------------- build
@@ -301,11 +328,6 @@ def _with_recorded_source(cfg: PyramidConfig, target: Path) -> PyramidConfig:
 def _build(cfg: PyramidConfig, target: Path, info: dict, checksums: dict, splits: dict,
            verify: bool) -> tuple[Path, bool]:
     import ray
-    from ray.data.datasource import FilenameProvider
-
-    class _Parts(FilenameProvider):
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"part-{task_index:05d}.parquet"
 
     chash = cfg.config_hash(checksums)
     if target.exists():
@@ -330,15 +352,16 @@ def _build(cfg: PyramidConfig, target: Path, info: dict, checksums: dict, splits
         require_ray("build_pyramid")
         n0 = next(iter(splits.values()))[0].shape[-1]
         levels = [{"level": k, "n": n0 >> k, "h": 1.0 / (n0 >> k)} for k in range(cfg.levels)]
-        blocks = [b for split, (x, y) in splits.items()
-                  for b in _arrow_blocks(x, y, cfg.shard_rows, split)]
-        ds = ray.data.from_arrow(blocks)
-        for k in range(cfg.levels):  # lazily chained: level k recomputes k cheap steps
-            if k:
-                ds = ds.map_batches(next_level, fn_kwargs={"sigma": cfg.sigma, "pair": cfg.pair},
-                                    batch_format="numpy", batch_size=1024)
-            ds.write_parquet(str(tmp / f"level={k}"), partition_cols=["split"],
-                             filename_provider=_Parts(), mode=ray.data.SaveMode.OVERWRITE)
+        blocks = []
+        for split, (x, y) in splits.items():
+            blocks += _arrow_blocks(x, y, cfg.shard_rows, split, first_part=len(blocks))
+        written = ray.data.from_arrow(blocks).map_batches(
+            write_levels, batch_size=None, batch_format="numpy",
+            fn_kwargs={"out": str(tmp), "levels": cfg.levels, "sigma": cfg.sigma, "pair": cfg.pair},
+        ).take_all()
+        if sorted(int(r["part"]) for r in written) != list(range(len(blocks))):
+            raise RuntimeError(f"pyramid {cfg.name}: parts written {sorted(r['part'] for r in written)}, "
+                               f"expected 0..{len(blocks) - 1}")
         counts = {s: {"total": int(len(y)), "per_class": np.bincount(y, minlength=len(info["classes"]))
                       .tolist()} for s, (_, y) in splits.items()}
         manifest = {

@@ -28,7 +28,10 @@ def readme_command(start: str) -> str:
 
 def fresh_clone(dest: Path) -> Path:
     """A fresh clone of this repository's committed state at ``dest``, with ``.venv`` linked to
-    this checkout's (what ``make`` creates in a clone)."""
+    this checkout's (what ``make`` creates in a clone) and, where this checkout has one beside it,
+    ``../shared`` linked too (the README's default place for the data)."""
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(dest)], check=True, timeout=300)
     (dest / ".venv").symlink_to(ROOT / ".venv")
+    if (ROOT.parent / "shared").is_dir() and not (dest.parent / "shared").exists():
+        (dest.parent / "shared").symlink_to(ROOT.parent / "shared")
     return dest
