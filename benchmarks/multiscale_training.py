@@ -1,8 +1,13 @@
-"""Algorithm 1 vs single-scale training on MNIST: wall-clock and fine-grid-equivalent compute to
-reach validation accuracy targets, with 1, 2 and 3 levels.
+"""Algorithm 1 vs single-scale training on MNIST (or Imagenette): wall-clock and fine-grid-equivalent
+compute to reach validation accuracy targets, with 1, 2 and 3 levels.
 
     python benchmarks/multiscale_training.py [--epochs 8 4 6] [--targets 0.97 0.98 0.99] \
         [--stencils free gaussian] [--repeats 3] [--plans 1 2]
+    python benchmarks/multiscale_training.py --data imagenette --size 128 --channels 16 32 64 ...
+
+``--data imagenette``: the staged Imagenette folder (``train/``, ``val/``; ``MSCNN_DATA_DIR`` or
+``--data-dir``) read at ``--size`` (fine) in RGB; levels at size/2 and size/4. Below, "28" stands for
+the fine size.
 
 Plain PyTorch (``mscnn.train.fit``; the Ray pipeline runs the same per-level loop, see
 ``system_overhead.py`` for its cost). 1 level: ``--epochs[0]`` epochs at 28x28. 2 levels:
@@ -28,7 +33,14 @@ import time
 import torch
 from common import ROOT, machine, publish
 
-from mscnn.data import Split, coarsen, mnist_splits
+from mscnn.data import (
+    Split,
+    coarsen,
+    find_data_dir,
+    load_image_folder,
+    mnist_splits,
+    stratified_limit,
+)
 from mscnn.hierarchy import to_resolution
 from mscnn.ode import ODENet
 from mscnn.train import accuracy, fit
@@ -38,9 +50,14 @@ def run(name: str, plan: list[tuple[int, int]], data: dict, args, stencil: str =
         prefilter: bool = False) -> dict:
     torch.manual_seed(args.seed)
     net, t_train, compute, curve = None, 0.0, 0.0, []
+    fine_n = max(data)
     for n, epochs in plan:
         if net is None:
-            net = ODENet(n=n, channels=args.channels, steps=2, stencil=stencil)
+            channels = args.channels[0] if len(args.channels) == 1 else tuple(args.channels)
+            net = ODENet(n=n, channels=channels, steps=args.steps, stencil=stencil, T=args.T,
+                         activation=args.activation,
+                         in_channels=data[n][0].x.shape[1],
+                         classes=int(max(s_.y.max() for s_ in data[n])) + 1)
         elif net.n != n:
             net = to_resolution(net, n, naive=args.transfer == "naive", lam=args.lam,
                                 prefilter=1.0 if prefilter else 0.0)
@@ -51,14 +68,14 @@ def run(name: str, plan: list[tuple[int, int]], data: dict, args, stencil: str =
         def on_epoch(e, rec, n=n, val=val, net=net):
             nonlocal t_train, compute
             t_train += rec["seconds"]
-            compute += (n / 28) ** 2
+            compute += (n / fine_n) ** 2
             curve.append({"n": n, "epoch": e, "seconds": t_train, "fine_equiv": compute,
                           "val_acc": accuracy(net, val)})
             print(f"  {name}: n={n} epoch {e} val {100 * curve[-1]['val_acc']:.2f}% "
                   f"({t_train:.0f} s, {compute:.2f} fine epochs)", flush=True)
 
-        fit(net, train, epochs, args.lr, 128, args.seed, on_epoch=on_epoch)
-    fine = [c for c in curve if c["n"] == 28]
+        fit(net, train, epochs, args.lr, args.batch_size, args.seed, on_epoch=on_epoch)
+    fine = [c for c in curve if c["n"] == fine_n]
     out = {"name": name, "plan": plan, "curve": curve, "final": fine[-1]["val_acc"],
            "best": max(c["val_acc"] for c in fine), "seconds": t_train, "fine_equiv": compute}
     for t in args.targets:  # counted only on the fine grid's accuracy
@@ -98,7 +115,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=1, help="alternating repeats of the plans")
     ap.add_argument("--plans", type=int, nargs="+", default=[1, 2, 3], help="level counts to run")
     ap.add_argument("--lam", type=float, default=0.0)
-    ap.add_argument("--channels", type=int, default=16)
+    ap.add_argument("--channels", type=int, nargs="+", default=[16],
+                    help="one per unit (several: units joined by connective restriction)")
+    ap.add_argument("--steps", type=int, default=2, help="Euler steps per unit")
+    ap.add_argument("--T", type=float, default=2.0, help="final time per unit")
+    ap.add_argument("--activation", default="tanh")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--data", choices=["mnist", "imagenette"], default="mnist")
+    ap.add_argument("--size", type=int, default=None, help="fine n (default: 28 mnist, 128 imagenette)")
     ap.add_argument("--train-count", type=int, default=50_000, help="training images (a subset: checks)")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--seed", type=int, default=0)
@@ -107,15 +131,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    d = mnist_splits(args.data_dir)
-    d["train"] = Split(d["train"].x[: args.train_count], d["train"].y[: args.train_count])
-    data = {28: (d["train"], d["val"])}
-    for n, lv in ((14, 1), (7, 2)):
-        data[n] = tuple(coarsen(s, lv, 1.0, "full-weighting") for s in (d["train"], d["val"]))
+    size = args.size or (28 if args.data == "mnist" else 128)
+    if args.data == "mnist":
+        d = mnist_splits(args.data_dir)
+        if size != 28:
+            raise SystemExit("--data mnist: --size must be 28")
+    else:
+        root, tried = find_data_dir("imagenet10", args.data_dir, lambda p: (p / "train").is_dir())
+        if root is None:
+            raise SystemExit(f"Imagenette folder (train/, val/) not found; looked in {tried}")
+        d = {s_: load_image_folder(root / s_, size)[1] for s_ in ("train", "val")}
+    keep = (slice(0, args.train_count) if args.data == "mnist"
+            else torch.from_numpy(stratified_limit(d["train"].y.numpy(), args.train_count)))
+    d["train"] = Split(d["train"].x[keep], d["train"].y[keep])
+    data = {size: (d["train"], d["val"])}
+    for lv in (1, 2):
+        data[size >> lv] = tuple(coarsen(s_, lv, 1.0, "full-weighting") for s_ in (d["train"], d["val"]))
     single, coarse, after = args.epochs
-    plans = {"1 level (28)": [(28, single)],
-             "2 levels (14, 28)": [(14, coarse), (28, after)],
-             "3 levels (7, 14, 28)": [(7, coarse), (14, coarse), (28, after)]}
+    f, h, q = size, size // 2, size // 4
+    plans = {f"1 level ({f})": [(f, single)],
+             f"2 levels ({h}, {f})": [(h, coarse), (f, after)],
+             f"3 levels ({q}, {h}, {f})": [(q, coarse), (h, coarse), (f, after)]}
     plans = {f"{k}, {st}{', prefilter' if pf else ''}": (st, v, pf) for st in args.stencils
              for k, v in plans.items() if int(k[0]) in args.plans
              for pf in (args.prefilter if int(k[0]) > 1 else [0])}
@@ -125,8 +161,10 @@ def main(argv: list[str] | None = None) -> None:
         for name, (stencil, plan, pf) in plans.items():
             runs[name].append(run(name, plan, data, args, stencil, bool(pf)))
     rows = [_median_row(rs, args.targets) for rs in runs.values()]
-    head = (f"MNIST, ODENet {args.channels} channels 2 steps tanh, stencils {args.stencils}, Adam lr "
-            f"{args.lr} cosine per level, transfer: free {args.transfer}"
+    head = (f"{args.data} {size}x{size} ({len(d['train'].y)} training images), ODENet channels "
+            f"{args.channels} {args.steps} steps per unit T {args.T:g} {args.activation}, batch "
+            f"{args.batch_size}, stencils {args.stencils}, Adam lr {args.lr} cosine per level, "
+            f"transfer: free {args.transfer}"
             f"{f' lam={args.lam:g}' if args.lam else ''}, consistent kinds re-discretised, "
             f"seed {args.seed}, {args.repeats} alternating repeat(s) (times: median [min-max]); "
             f"{machine()}; {time.perf_counter() - t0:.0f} s.")
@@ -147,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         for t in args.targets:
             if r[f"to_{t:g}"]:
                 metrics[f"{key}.seconds_to_{t:g}"] = r[f"to_{t:g}"]["seconds"]
-    stem = "multiscale_training_" + "_".join(st if st != "free" else args.transfer for st in args.stencils)
+    stem = "multiscale_training_" + ("" if args.data == "mnist" else f"{args.data}{size}_")
+    stem += "_".join(st if st != "free" else args.transfer for st in args.stencils)
     stem += "_prefilter" if 1 in args.prefilter else ""
     publish(args.out, stem, "\n".join(md),
             {"args": vars(args), "rows": rows}, vars(args), metrics)

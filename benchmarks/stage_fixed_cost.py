@@ -7,6 +7,14 @@ Level 0 (28x28) of the demo pyramid, one worker with 2 CPUs. Per repeat: Ray Dat
 start and teardown, no data), the same with the materialised datasets, and a whole 1-epoch stage
 through ``run_schedule`` (with the epoch's own time, training and validation, as the stage
 reports it). Printed only (a profile, not a result to compare).
+
+    python benchmarks/stage_fixed_cost.py --compare [--repeats 3]
+
+Alternates whole 1-epoch demo stages (each in a fresh subprocess with its own local Ray) under
+settings that cut fixed cost: Ray Train's controller poll interval
+(``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's default 2 s) and ``materialize_data`` (with the
+worker's shard cache, the object-store copy is read once more than needed). Reports the stage's
+wall-clock outside the epoch, median [min-max] per setting, and the paired ratios.
 """
 
 from __future__ import annotations
@@ -18,11 +26,87 @@ from pathlib import Path
 
 from common import ROOT
 
+SETTINGS = {"ray default (poll 2 s, materialize)": ("2.0", True),
+            "poll 0.5 s, materialize": ("0.5", True),
+            "poll 0.5 s, no materialize": ("0.5", False)}
+
+
+def _child(poll: str, materialize: bool) -> dict:
+    """One 1-epoch demo stage in this process (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` already set
+    by the parent, so the local Ray's controller reads it)."""
+    import ray
+
+    from pipelines.config import ScheduleConfig, load_config
+    from pipelines.schedule import run_schedule
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    tmp = Path(tempfile.mkdtemp(prefix="mscnn-fixed-"))
+    cfg = load_config(ROOT / "configs" / "demo_single.yaml", ScheduleConfig, {
+        "name": "fixed", "storage_path": str(tmp / "runs"), "experiment": "mscnn-benchmarks",
+        "levels": [{"n": 28, "steps": 2, "epochs": 1, "optim": {"lr": 0.01}}],
+        "scaling": {"num_workers": 1, "cpus_per_worker": 2}, "materialize_data": materialize})
+    from pipelines.pyramid import build_pyramid
+
+    build_pyramid(cfg.pyramid, Path(cfg.pyramid_root).resolve())
+    t = time.perf_counter()
+    res = run_schedule(cfg, log=lambda s: None)
+    total = time.perf_counter() - t
+    epoch = res["stages"][0]["history"][0]["stage_seconds"]
+    ray.shutdown()
+    return {"stage_s": total, "epoch_s": epoch, "outside_epoch_s": total - epoch}
+
+
+def compare(repeats: int) -> None:
+    import json
+    import os
+    import statistics
+    import subprocess
+    import sys
+
+    from common import alternate, fmt_ratio, paired_ratio
+
+    def run(poll: str, mat: bool):
+        def go() -> dict:
+            env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll}
+            out = subprocess.run([sys.executable, __file__, "--child", poll, str(int(mat))], env=env,
+                                 capture_output=True, text=True, timeout=900)
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"child failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+            return json.loads(line[7:])
+        return go
+
+    runs = alternate({k: run(*v) for k, v in SETTINGS.items()}, repeats)
+    print(f"\n1-epoch demo stage (28x28, 1 worker x 2 CPUs), {repeats} alternating rounds, "
+          f"load average {os.getloadavg()[0]:.1f}; seconds median [min-max]")
+    print("| setting | stage s | epoch s | outside the epoch s |")
+    print("|---|---|---|---|")
+    for k, rs in runs.items():
+        cells = []
+        for key in ("stage_s", "epoch_s", "outside_epoch_s"):
+            v = [r[key] for r in rs]
+            cells.append(f"{statistics.median(v):.1f} [{min(v):.1f}-{max(v):.1f}]")
+        print(f"| {k} | " + " | ".join(cells) + " |")
+    base = [r["outside_epoch_s"] for r in runs[next(iter(SETTINGS))]]
+    for k in list(SETTINGS)[1:]:
+        print(f"- fixed cost, default / {k}: "
+              f"{fmt_ratio(paired_ratio(base, [r['outside_epoch_s'] for r in runs[k]]))}")
+
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--compare", action="store_true")
+    ap.add_argument("--child", nargs=2, metavar=("POLL", "MATERIALIZE"))
     args = ap.parse_args(argv)
+    if args.child:
+        import json
+
+        print("RESULT " + json.dumps(_child(args.child[0], bool(int(args.child[1])))), flush=True)
+        return
+    if args.compare:
+        compare(args.repeats)
+        return
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
