@@ -2,9 +2,10 @@
 
     python benchmarks/pyramid_build.py [--data-dir DIR] [--levels 3] [--repeats 3]
 
-Paths: ``loop`` (one process), ``ray`` (``build_pyramid``: one ``map_batches`` pass through every
-level per block) and ``ray-chained`` (the build before: one ``write_parquet`` per level, each level
-recomputing the ones below it, float images shipped from the driver). All load the same source,
+Paths: ``loop`` (one process, ``write_levels`` block after block), ``ray`` (``build_pyramid``: one
+``map_batches`` pass of ``write_levels`` per block, numpy-only workers) and ``ray-chained`` (the
+build before: one ``write_parquet`` per level, each level recomputing the ones below it, float
+images shipped from the driver; with today's ``next_level`` numerics). All load the same source,
 apply the same ``next_level`` and write the same Parquet layout (the outputs' images are compared);
 each runs in its own subprocess, so peak memory (PSS of the process tree, Ray's workers and object
 store included) is measured separately. The paths alternate (loop ray ray-chained, ``--repeats``
@@ -30,16 +31,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def _loop(cfg, out: Path) -> None:
     """The same per-block work as the Ray build (``write_levels``), one block after another."""
+    from mscnn.transfer import level_operator
     from pipelines.pyramid import _load_source, write_levels
 
     _, _, splits = _load_source(cfg)
+    n0 = next(iter(splits.values()))[0].shape[-1]
+    ops = [level_operator(n0 >> k, cfg.sigma, cfg.pair).numpy() for k in range(cfg.levels - 1)]
     part = 0
     for split, (x, y) in splits.items():
         for i in range(0, len(y), cfg.shard_rows):
             write_levels({"image": x[i : i + cfg.shard_rows], "label": y[i : i + cfg.shard_rows],
                           "index": np.arange(i, min(i + cfg.shard_rows, len(y))),
                           "split": np.array([split]), "part": np.array([part])},
-                         str(out), cfg.levels, cfg.sigma, cfg.pair)
+                         str(out), ops)
             part += 1
 
 

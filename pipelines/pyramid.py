@@ -8,10 +8,11 @@ Layout of a pyramid ``<out>/<name>/``::
                                            label (int64), index (int64)
 
 Level 0 holds the source images scaled to [0, 1]; level k is
-``restrict_image(gaussian_blur(level k-1, sigma), pair)`` (the plain function ``next_level``). One
-Ray Data ``map_batches`` pass (``write_levels``) takes each block of source images through every
-level and writes its shards. A pyramid is built in a temporary folder beside its target and renamed
-when whole; the same config again does no work, and a different pyramid is never overwritten.
+``restrict_image(gaussian_blur(level k-1, sigma), pair)``, computed as ``M x M^T`` with the step's
+1D matrix (``mscnn.transfer.level_operator``; ``next_level`` on a batch). One Ray Data
+``map_batches`` pass (``pipelines.pyramid_write.write_levels``, numpy only: no torch in the workers)
+takes each block of source images through every level and writes its shards. A pyramid is built
+in a temporary folder beside its target and renamed when whole; the same config again does no work, and a different pyramid is never overwritten.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mscnn import data as mdata
-from mscnn.transfer import gaussian_blur, get_pair, restrict_image
+from mscnn.transfer import get_pair, level_operator
+from pipelines.pyramid_write import apply_level, write_levels
 from pipelines.runtime import exclusive, require_ray
 
 log = logging.getLogger(__name__)
@@ -143,10 +145,11 @@ class PyramidConfig(BaseModel):
 
 def next_level(batch: dict[str, np.ndarray], sigma: float, pair: str) -> dict[str, np.ndarray]:
     """One pyramid step on a numpy batch: ``image (B, C, n, n) -> (B, C, n/2, n/2)``,
-    ``restrict_image(gaussian_blur(image, sigma), pair)``; other columns pass through."""
-    x = torch.from_numpy(np.array(batch["image"], dtype=np.float32))
+    ``restrict_image(gaussian_blur(image, sigma), pair)`` computed as ``M x M^T``
+    (``level_operator``, float64, rounded once); other columns pass through."""
+    x = np.asarray(batch["image"])
     out = dict(batch)
-    out["image"] = restrict_image(gaussian_blur(x, sigma), pair).numpy()
+    out["image"] = apply_level(x, level_operator(x.shape[-1], sigma, pair).numpy())
     return out
 
 
@@ -253,29 +256,6 @@ def _arrow_blocks(x: np.ndarray, y: np.ndarray, rows: int, split: str, first_par
     return out
 
 
-def write_levels(batch: dict[str, np.ndarray], out: str, levels: int, sigma: float,
-                 pair: str) -> dict[str, np.ndarray]:
-    """One block of source images through every level: level 0 = the images in [0, 1], level k =
-    ``next_level`` of level k-1, each written to ``out/level=k/split=<split>/part-<part>.parquet``
-    (columns image, label, index). One pass per block, so the build reads and transforms each image
-    once (Ray's ``write_parquet`` writes one dataset to one place: chained per level, it recomputed
-    the levels below each one). Returns the block's ``part`` and row count."""
-    import pyarrow.parquet as pq
-    from ray.data.extensions import ArrowTensorArray
-
-    split, part = str(batch["split"][0]), int(batch["part"][0])
-    cols = {"image": mdata.unit_images(np.asarray(batch["image"]))}
-    label, index = pa.array(batch["label"], pa.int64()), pa.array(batch["index"], pa.int64())
-    for k in range(levels):
-        if k:
-            cols = next_level(cols, sigma, pair)
-        d = Path(out) / f"level={k}" / f"split={split}"
-        d.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"image": ArrowTensorArray.from_numpy(np.ascontiguousarray(cols["image"])),
-                                 "label": label, "index": index}), d / f"part-{part:05d}.parquet")
-    return {"part": np.array([part]), "rows": np.array([len(index)])}
-
-
 # ---------------------------------------------------------------- build
 
 
@@ -355,9 +335,9 @@ def _build(cfg: PyramidConfig, target: Path, info: dict, checksums: dict, splits
         blocks = []
         for split, (x, y) in splits.items():
             blocks += _arrow_blocks(x, y, cfg.shard_rows, split, first_part=len(blocks))
+        ops = [level_operator(n0 >> k, cfg.sigma, cfg.pair).numpy() for k in range(cfg.levels - 1)]
         written = ray.data.from_arrow(blocks).map_batches(
-            write_levels, batch_size=None, batch_format="numpy",
-            fn_kwargs={"out": str(tmp), "levels": cfg.levels, "sigma": cfg.sigma, "pair": cfg.pair},
+            write_levels, batch_size=None, batch_format="numpy", fn_kwargs={"out": str(tmp), "ops": ops},
         ).take_all()
         if sorted(int(r["part"]) for r in written) != list(range(len(blocks))):
             raise RuntimeError(f"pyramid {cfg.name}: parts written {sorted(r['part'] for r in written)}, "

@@ -34,9 +34,26 @@ def _syn(name="syn", **kw):
 def test_next_level_is_blur_then_restrict():
     x = np.random.default_rng(0).random((3, 2, 8, 8)).astype(np.float32)
     out = next_level({"image": x, "label": np.arange(3)}, 0.8, "average")
-    want = restrict_image(gaussian_blur(torch.from_numpy(x), 0.8), "average").numpy()
-    np.testing.assert_allclose(out["image"], want)
+    want = restrict_image(gaussian_blur(torch.from_numpy(x).double(), 0.8), "average").numpy()
+    np.testing.assert_allclose(out["image"], want, rtol=1e-6, atol=1e-7)  # float64, rounded once
     np.testing.assert_array_equal(out["label"], np.arange(3))
+
+
+def test_the_build_task_never_imports_torch(tmp_path):
+    """The Ray Data task of the build (its module and a call) runs without torch: a cold worker
+    importing torch cost seconds per build."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; import pipelines.pyramid_write as w; "
+            "w.write_levels({'image': np.zeros((2, 1, 4, 4), np.uint8), 'label': np.zeros(2), "
+            "'index': np.arange(2), 'split': np.array(['train']), 'part': np.array([0])}, "
+            f"{str(tmp_path)!r}, [np.full((2, 4), 0.25)]); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.parquet")) == [
+        "level=0/split=train/part-00000.parquet", "level=1/split=train/part-00000.parquet"]
 
 
 def test_synthetic_pyramid_content_manifest_and_rebuild(local_ray, tmp_path):

@@ -178,3 +178,23 @@ def test_bad_shapes_and_names_raise_clear_errors():
         restrict_image(torch.zeros(1, 4, 4), pair="cubic")
     with pytest.raises(ValueError, match="sigma"):
         gaussian_blur(torch.zeros(1, 4, 4), -1.0)
+
+
+@pytest.mark.parametrize("pair", ["full-weighting", "average"])
+@pytest.mark.parametrize("sigma", [0.0, 0.6, 1.0, 2.5])
+@pytest.mark.parametrize("n", [4, 8, 12])
+def test_level_operator_is_the_pyramid_step_as_one_matrix(pair, sigma, n):
+    """M x M^T equals restrict(blur(x)) in float64 on random multi-channel images (both separable),
+    and M's rows are the dense 1D operator: a constant row is kept by the blur (replicate padding)
+    and the interior restriction rows sum to 1."""
+    from mscnn.transfer import level_operator
+
+    x = torch.rand(3, 2, n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    M = level_operator(n, sigma, pair)
+    assert M.shape == (n // 2, n) and M.dtype == torch.float64
+    want = restrict_image(gaussian_blur(x, sigma), pair)
+    torch.testing.assert_close(M @ x @ M.T, want, rtol=0, atol=1e-12)
+    if pair == "average":
+        torch.testing.assert_close(M.sum(1), torch.ones(n // 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="n must be even"):
+        level_operator(n + 1, sigma, pair)
