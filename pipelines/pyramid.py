@@ -12,7 +12,8 @@ Level 0 holds the source images scaled to [0, 1]; level k is
 1D matrix (``mscnn.transfer.level_operator``; ``next_level`` on a batch). One Ray Data
 ``map_batches`` pass (``pipelines.pyramid_write.write_levels``, numpy only: no torch in the workers)
 takes each block of source images through every level and writes its shards. A pyramid is built
-in a temporary folder beside its target and renamed when whole; the same config again does no work, and a different pyramid is never overwritten.
+in a temporary folder beside its target and renamed when whole; the same config again does no
+work, and a different pyramid is never overwritten.
 """
 
 from __future__ import annotations
