@@ -12,8 +12,7 @@ reports it). Printed only (a profile, not a result to compare).
 
 Alternates whole 1-epoch demo stages (each in a fresh subprocess with its own local Ray) under
 settings that cut fixed cost: Ray Train's controller poll interval
-(``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's default 2 s) and ``materialize_data`` (with the
-worker's shard cache, the object-store copy is read once more than needed). Reports the stage's
+(``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's default 2 s). Reports the stage's
 wall-clock outside the epoch, median [min-max] per setting, and the paired ratios.
 """
 
@@ -26,9 +25,10 @@ from pathlib import Path
 
 from common import ROOT
 
-SETTINGS = {"ray default (poll 2 s, materialize)": ("2.0", True),
-            "poll 0.5 s, materialize": ("0.5", True),
-            "poll 0.5 s, no materialize": ("0.5", False)}
+# (not compared: materialize_data false with this 1 worker x 2 CPUs on 2 CPUs hangs, the stage's
+# streaming reads find no CPU left; that is why the default materialises)
+SETTINGS = {"ray default (poll 2 s)": ("2.0", True),
+            "poll 0.5 s": ("0.5", True)}
 
 
 def _child(poll: str, materialize: bool) -> dict:
@@ -69,7 +69,7 @@ def compare(repeats: int) -> None:
         def go() -> dict:
             env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll}
             out = subprocess.run([sys.executable, __file__, "--child", poll, str(int(mat))], env=env,
-                                 capture_output=True, text=True, timeout=900)
+                                 capture_output=True, text=True, timeout=400)
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 raise SystemExit(f"child failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")

@@ -29,7 +29,7 @@ from mscnn.models import cost, handover
 from pipelines.config import ScheduleConfig
 from pipelines.pyramid import build_pyramid, input_scale, level_for, read_manifest
 from pipelines.runtime import exclusive, require_ray
-from pipelines.stage import StageSpec, run_stage
+from pipelines.stage import StageSpec, run_stage, stage_phases
 from pipelines.tracking import Tracker, git_tags
 
 __all__ = ["LevelOutcome", "run_level", "run_schedule", "stage_name", "to_target"]
@@ -96,6 +96,7 @@ class LevelOutcome:
     compute_end: float
     global_epoch_end: int
     devices: list[str] = field(default_factory=list)  # each worker's torch device, rank order
+    phases: dict = field(default_factory=dict)  # where the stage's seconds went (stage_phases)
 
     @classmethod
     def read(cls, path: Path) -> LevelOutcome:
@@ -161,11 +162,12 @@ def run_level(run: _Run, i: int, prev: LevelOutcome | None, log: Callable[[str],
         mge={"sizes": lv.mge_sizes(), "batch_sizes": lv.estimator.batch_sizes} if lv.estimator else None)
     mlflow = {"uri": run.tracker.uri, "experiment": cfg.experiment, "run_id": run_id,
               "parent_id": run.ids["parent"]}
+    stamps: dict = {}
     try:  # Ray Train V2 raises on failure: the level's run ends FAILED (KILLED on Ctrl-C)
         result = run_stage(spec, str(run.pyramid), str(run.run_dir), cfg.scaling.model_dump(),
                            cfg.max_failures, mlflow, cfg.materialize_data,
                            run.train_callbacks() if run.train_callbacks else None,
-                           (lambda m: run.progress(name, m)) if run.progress else None)
+                           (lambda m: run.progress(name, m)) if run.progress else None, stamps)
     except BaseException as e:
         run.tracker.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
@@ -182,9 +184,12 @@ def run_level(run: _Run, i: int, prev: LevelOutcome | None, log: Callable[[str],
         best_val_accuracy=max(h["val_accuracy"] for h in history), seconds=state["seconds"],
         checkpoint=str(best_dir), history=history, init=state.get("init", {}),
         nodes=state.get("nodes", []), devices=state.get("devices", []), wallclock_end=last["wallclock"],
-        compute_end=last["fine_equiv_epochs"], global_epoch_end=last["global_epoch"] + 1)
+        compute_end=last["fine_equiv_epochs"], global_epoch_end=last["global_epoch"] + 1,
+        phases=stage_phases(stamps, state))
     run.tracker.log_metrics(run_id, {"best_val_accuracy": out.best_val_accuracy,
-                                     "epochs_run": out.epochs_run}, step=out.global_epoch_end)
+                                     "epochs_run": out.epochs_run,
+                                     **{f"phase_seconds/{k}": v for k, v in out.phases.items()}},
+                            step=out.global_epoch_end)
     devices = ", ".join(sorted(set(out.devices))) or "?"
     run.tracker.set_tags(run_id, {"devices": devices, "workers": str(len(out.devices))})
     run.tracker.log_artifacts(run_id, best_dir, "checkpoint")

@@ -292,6 +292,7 @@ def train_func(config: dict) -> None:
     import ray.train.torch
 
     spec: StageSpec = config["spec"]
+    t_entry = time.time()  # wall-clock stamps (the driver's too): where the stage's time goes
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     net, step_state, state = _start(spec)
     model, device = ray.train.torch.prepare_model(net), ray.train.torch.get_device()
@@ -309,9 +310,13 @@ def train_func(config: dict) -> None:
     val = ShardCache(ray.train.get_dataset_shard("val"), limit)
     state["nodes"] = _all_nodes()  # where this stage's workers run (the last attempt)
     state["devices"] = _all_gather(str(device))  # and on what: cpu, cuda:0, ...
+    t_setup = time.time()
     if "init" not in state:  # how good is the incoming (prolonged / interpolated / random) model?
         vloss, correct, total = _validate(model, val, scale)
         state["init"] = {"init_val_loss": vloss / max(total, 1), "init_val_accuracy": correct / max(total, 1)}
+    # this attempt's stamps (a resumed stage starts a new attempt)
+    state["timeline"] = {"entered": t_entry, "setup_done": t_setup, "init_validated": time.time(),
+                         "report_s": 0.0}
     step0 = state["step"]
     for epoch in range(state["epoch"] + 1, spec.epochs):
         t0 = time.perf_counter()
@@ -327,7 +332,10 @@ def train_func(config: dict) -> None:
         state["bad_epochs"] = 0 if metrics["val_accuracy"] > state["best"] else state["bad_epochs"] + 1
         state |= {"best": max(state["best"], metrics["val_accuracy"]), "epoch": epoch}
         state["history"].append(metrics)
+        t_report = time.time()
+        state["timeline"]["last_report"] = t_report
         _report(spec, net, step, state, metrics)
+        state["timeline"]["report_s"] += time.time() - t_report  # checkpoint written and reported
         if spec.patience is not None and state["bad_epochs"] >= spec.patience:
             break
 
@@ -398,17 +406,21 @@ def resolve_gpu(scaling: dict, poll_s: float = 5.0, log: Callable[[str], None] =
 
 def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
               max_failures: int, mlflow: dict | None, materialize: bool = True,
-              callbacks: list | None = None, progress: Callable[[dict], None] | None = None):
+              callbacks: list | None = None, progress: Callable[[dict], None] | None = None,
+              stamps: dict | None = None):
     """Run one stage with ``TorchTrainer``; returns Ray Train's ``Result``. ``mlflow``:
     ``{"uri", "experiment", "run_id", "parent_id"}`` for ``MlflowStageCallback``. ``materialize``
     reads the level into Ray's object store once (fast epochs for data that fits); otherwise every
     epoch streams the Parquet shards. ``progress(metrics)`` is called on this thread after each
-    epoch (rank 0's metrics and ``epochs``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    epoch (rank 0's metrics and ``epochs``). ``stamps`` receives the driver's wall-clock stamps
+    (``start``, ``fit_start``, ``fit_end``) for the stage's timeline (``stage_phases``)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.pyramid import input_scale, load_level, read_manifest
 
+    stamps = {} if stamps is None else stamps
+    stamps["start"] = time.time()
     manifest = read_manifest(pyramid)
     n_level = manifest["levels"][spec.level]["n"]
     if n_level != spec.model.n:
@@ -440,10 +452,39 @@ def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
         ),
         datasets={s: ds.materialize() if materialize else ds
                   for s, ds in ((s, load_level(pyramid, spec.level, s)) for s in ("train", "val"))},
+        # one worker reads the whole level: no split, so no split-coordinator actor per dataset
+        # (starting them cost seconds of every stage's first pass over each split)
+        dataset_config=DataConfig(datasets_to_split=[] if scaling["num_workers"] <= 1 else "all"),
     )
-    if not progress:
-        return trainer.fit()
+    stamps["fit_start"] = time.time()
     try:
+        if not progress:
+            return trainer.fit()
         return _fit_with_progress(trainer, progress_file, progress)
     finally:
-        shutil.rmtree(progress_file.parent, ignore_errors=True)
+        stamps["fit_end"] = time.time()
+        if progress_file:
+            shutil.rmtree(progress_file.parent, ignore_errors=True)
+
+
+def stage_phases(stamps: dict, state: dict) -> dict[str, float]:
+    """Where one stage's wall-clock went, in seconds, from the driver's ``stamps`` (``run_stage``)
+    and the last attempt's worker ``timeline`` (``train_state.json``): ``datasets`` (the driver
+    reading the level into Ray's object store), ``worker_start`` (from ``fit`` until the worker's
+    loop runs: controller, worker group, imports), ``setup`` (model, optimiser, shards),
+    ``init_validation`` (the incoming network on the val split), ``epochs`` (training and
+    validation), ``reports`` (checkpoints written and reported, all but the last), ``teardown``
+    (from the last report, its checkpoint's persistence included, until ``fit`` returned), and
+    ``other`` (the rest of the fit: metric all-reduces between epochs, earlier attempts)."""
+    t = state.get("timeline") or {}
+    if not t or "fit_start" not in stamps:
+        return {}
+    fit = stamps["fit_end"] - stamps["fit_start"]
+    out = {"datasets": stamps["fit_start"] - stamps["start"],
+           "worker_start": t["entered"] - stamps["fit_start"],
+           "setup": t["setup_done"] - t["entered"],
+           "init_validation": t["init_validated"] - t["setup_done"],
+           "epochs": state["seconds"], "reports": t["report_s"],
+           "teardown": stamps["fit_end"] - t.get("last_report", t["init_validated"])}
+    out["other"] = fit - sum(v for k, v in out.items() if k != "datasets")
+    return {k: round(v, 3) for k, v in out.items()}

@@ -75,6 +75,32 @@ def test_every_epoch_runs_once_on_one_axis_and_compute_counts_pixels(two_level):
     assert res["fine_equiv_epochs"] == pytest.approx(2 * 0.25 + 1)  # 2 epochs at (8/16)^2, 1 at 16
 
 
+def test_each_stage_says_where_its_seconds_went(two_level):
+    """``phases``: the driver's and the worker's stamps; the epochs are the stage's own epoch
+    seconds, every phase is non-negative and they add up to the driver's time around ``fit``."""
+    keys = {"datasets", "worker_start", "setup", "init_validation", "epochs", "reports", "teardown",
+            "other"}
+    for s in two_level.res["stages"]:
+        ph = s["phases"]
+        assert set(ph) == keys
+        assert ph["epochs"] == pytest.approx(s["seconds"], abs=1e-3)
+        assert all(v >= 0 for k, v in ph.items() if k != "other")
+        assert ph["worker_start"] > 0.5 and ph["teardown"] > 0  # a real worker group started
+
+
+def test_stage_phases_arithmetic():
+    from pipelines.stage import stage_phases
+
+    stamps = {"start": 100.0, "fit_start": 103.0, "fit_end": 130.0}
+    state = {"seconds": 12.0, "history": [{}, {}],
+             "timeline": {"entered": 110.0, "setup_done": 111.0, "init_validated": 113.0,
+                          "report_s": 1.5, "last_report": 127.0}}
+    assert stage_phases(stamps, state) == {"datasets": 3.0, "worker_start": 7.0, "setup": 1.0,
+                                           "init_validation": 2.0, "epochs": 12.0, "reports": 1.5,
+                                           "teardown": 3.0, "other": 0.5}
+    assert stage_phases({}, state) == {} and stage_phases(stamps, {"seconds": 1.0}) == {}
+
+
 def test_the_fine_level_starts_from_the_prolonged_best_checkpoint(two_level):
     cfg, res, d = two_level.cfg, two_level.res, two_level.d
     coarse, _ = load_checkpoint(d / "L0-n8-N1.best")
