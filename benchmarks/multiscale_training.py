@@ -155,6 +155,15 @@ def main(argv: list[str] | None = None) -> None:
     plans = {f"{k}, {st}{', prefilter' if pf else ''}": (st, v, pf) for st in args.stencils
              for k, v in plans.items() if int(k[0]) in args.plans
              for pf in (args.prefilter if int(k[0]) > 1 else [0])}
+    from mscnn.ode import ODENetConfig
+
+    channels = args.channels[0] if len(args.channels) == 1 else tuple(args.channels)
+    for name, (_, plan, _) in plans.items():  # before any training: every level must hold the net
+        for n, _ in plan:
+            try:
+                ODENetConfig(n=n, channels=channels, steps=args.steps)
+            except ValueError as e:
+                raise SystemExit(f"plan {name!r}: {e}") from None
     t0 = time.perf_counter()
     runs = {name: [] for name in plans}
     for _ in range(args.repeats):  # A B A B ...: machine noise hits every plan alike

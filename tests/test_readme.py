@@ -4,6 +4,7 @@ The `train` commands are checked with `--dry-run` (the resolved schedule, no tra
 protocols take hours); the first sweep command and the sweep report run for real on MNIST's demo
 subset. The `ray job submit` command runs on a two-node cluster in `test_cluster.py`."""
 
+import json
 import os
 import subprocess
 import sys
@@ -64,3 +65,77 @@ def test_the_first_sweep_command_and_its_report_run_as_written(repo):
     rows = (repo / "outputs" / "report" / "comparison.md").read_text()
     assert rows.count("sweep-mnist-") >= 4, rows
     assert "report" in report.stdout.lower()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_pyramid_command_runs_as_written(repo):
+    from mscnn.data import find_mnist_dir
+
+    try:
+        find_mnist_dir()
+    except FileNotFoundError as e:
+        pytest.skip(f"real MNIST not staged here: {e}")
+    run = _run(readme_command(".venv/bin/mscnn pyramid --config configs/pyramid_mnist.yaml"), repo, 600)
+    assert "pyramid built" in run.stdout or "up to date" in run.stdout
+    manifest = json.loads((repo / "outputs" / "pyramids" / "mnist" / "manifest.json").read_text())
+    assert manifest["counts"]["train"]["total"] == 50_000
+    assert [lv["n"] for lv in manifest["levels"]] == [28, 14, 7]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_evaluate_predict_and_export_run_as_written(repo):
+    """The README's evaluate / predict / export lines with their placeholders bound as a user binds
+    them: F.best and C.best the fine and coarse checkpoints of the sweep's multiscale trial above,
+    digit.png and other.png two MNIST test digits (28x28, and 14x14: the network is moved to it)."""
+    from PIL import Image
+
+    from mscnn.data import MNIST_FILES, find_mnist_dir, read_idx
+
+    fine = sorted((repo / "outputs" / "sweeps").glob("sweep-mnist-runs/*/L1-n28-N2.best"))
+    pyramid = repo / "outputs" / "pyramids" / "mnist"
+    if not fine or not pyramid.is_dir():
+        pytest.skip("needs the sweep's and the pyramid's outputs (the tests above, in this order)")
+    (repo / "F.best").symlink_to(fine[0])
+    (repo / "C.best").symlink_to(fine[0].parent / "L0-n14-N2.best")
+    images, labels = (read_idx(find_mnist_dir() / f) for f in MNIST_FILES["test"])
+    Image.fromarray(images[0]).save(repo / "digit.png")  # a 7
+    Image.fromarray(images[1]).resize((14, 14), Image.BILINEAR).save(repo / "other.png")  # a 2
+    ev = _run(readme_command(".venv/bin/mscnn evaluate --fine F.best"), repo, 600)
+    assert "naive-prefilter" in ev.stdout and "native" in ev.stdout
+    pr = _run(readme_command(".venv/bin/mscnn predict --checkpoint C.best") + " --json", repo, 300)
+    rows = json.loads(pr.stdout)
+    assert [r["image"].rsplit("/", 1)[-1] for r in rows] == ["digit.png", "other.png"]
+    assert [r["label"] for r in rows] == [int(labels[0]), int(labels[1])] == [7, 2]
+    _run(readme_command(".venv/bin/mscnn export --checkpoint C.best"), repo, 600)
+    assert {p.name for p in (repo / "outputs" / "export").iterdir()} >= {"model.ts", "model.onnx"}
+
+
+@pytest.mark.slow
+def test_the_mlflow_ui_command_serves_the_store(repo):
+    """`mlflow ui` as the README writes it (its port replaced by a free one): the UI answers."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = readme_command(".venv/bin/mlflow ui").replace("--port 5000", f"--port {port}")
+    proc = subprocess.Popen(["bash", "-c", f"exec {cmd}"], cwd=repo, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline, body = time.time() + 120, ""
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                    body = r.read().decode(errors="replace")
+                break
+            except OSError:
+                time.sleep(1)
+        why = proc.stderr.read().decode()[-2000:] if proc.poll() is not None else body[:500]
+        assert "mlflow" in body.lower(), why
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
