@@ -35,6 +35,15 @@ def _run(cmd: str, repo: Path, timeout: float) -> subprocess.CompletedProcess:
     return run
 
 
+def _mnist_or_skip() -> Path:
+    from mscnn.data import find_mnist_dir
+
+    try:
+        return find_mnist_dir()
+    except FileNotFoundError as e:
+        pytest.skip(f"real MNIST not staged here: {e}")
+
+
 def test_every_train_command_resolves_as_written(repo):
     cmds = [c for c in readme_commands() if c.startswith(".venv/bin/mscnn train ")]
     assert len(cmds) >= 5
@@ -48,12 +57,7 @@ def test_every_train_command_resolves_as_written(repo):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_the_first_sweep_command_and_its_report_run_as_written(repo):
-    from mscnn.data import find_mnist_dir
-
-    try:
-        find_mnist_dir()
-    except FileNotFoundError as e:
-        pytest.skip(f"real MNIST not staged here: {e}")
+    _mnist_or_skip()
     sweep = _run(readme_command(".venv/bin/mscnn sweep --config configs/sweep_mnist.yaml"), repo, 1500)
     assert "best config: " in sweep.stdout
     best = yaml.safe_load((repo / "outputs" / "sweeps" / "sweep-mnist.best.yaml").read_text())
@@ -70,12 +74,7 @@ def test_the_first_sweep_command_and_its_report_run_as_written(repo):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_the_pyramid_command_runs_as_written(repo):
-    from mscnn.data import find_mnist_dir
-
-    try:
-        find_mnist_dir()
-    except FileNotFoundError as e:
-        pytest.skip(f"real MNIST not staged here: {e}")
+    _mnist_or_skip()
     run = _run(readme_command(".venv/bin/mscnn pyramid --config configs/pyramid_mnist.yaml"), repo, 600)
     assert "pyramid built" in run.stdout or "up to date" in run.stdout
     manifest = json.loads((repo / "outputs" / "pyramids" / "mnist" / "manifest.json").read_text())
@@ -88,10 +87,10 @@ def test_the_pyramid_command_runs_as_written(repo):
 def test_evaluate_predict_and_export_run_as_written(repo):
     """The README's evaluate / predict / export lines with their placeholders bound as a user binds
     them: F.best and C.best the fine and coarse checkpoints of the sweep's multiscale trial above,
-    digit.png and other.png two MNIST test digits (28x28, and 14x14: the network is moved to it)."""
+    digit.png and other.png two 28x28 MNIST test digits (C.best reads them coarsened to 14x14)."""
     from PIL import Image
 
-    from mscnn.data import MNIST_FILES, find_mnist_dir, read_idx
+    from mscnn.data import MNIST_FILES, read_idx
 
     fine = sorted((repo / "outputs" / "sweeps").glob("sweep-mnist-runs/*/L1-n28-N2.best"))
     pyramid = repo / "outputs" / "pyramids" / "mnist"
@@ -99,9 +98,9 @@ def test_evaluate_predict_and_export_run_as_written(repo):
         pytest.skip("needs the sweep's and the pyramid's outputs (the tests above, in this order)")
     (repo / "F.best").symlink_to(fine[0])
     (repo / "C.best").symlink_to(fine[0].parent / "L0-n14-N2.best")
-    images, labels = (read_idx(find_mnist_dir() / f) for f in MNIST_FILES["test"])
-    Image.fromarray(images[0]).save(repo / "digit.png")  # a 7
-    Image.fromarray(images[1]).resize((14, 14), Image.BILINEAR).save(repo / "other.png")  # a 2
+    images, labels = (read_idx(_mnist_or_skip() / f) for f in MNIST_FILES["test"])
+    Image.fromarray(images[0]).save(repo / "digit.png")  # a 7, 28x28 (C.best is a 14x14 network)
+    Image.fromarray(images[1]).save(repo / "other.png")  # a 2
     ev = _run(readme_command(".venv/bin/mscnn evaluate --fine F.best"), repo, 600)
     assert "naive-prefilter" in ev.stdout and "native" in ev.stdout
     pr = _run(readme_command(".venv/bin/mscnn predict --checkpoint C.best") + " --json", repo, 300)
