@@ -15,7 +15,16 @@ then every row on the test file (and val):
   fine->coarse: the fine network on prolonged coarse images);
 * moved networks: ``free`` with ``naive`` and ``galerkin`` (``to_resolution``); consistent kinds
   with ``to_resolution`` (re-discretised, nothing to choose); each coarse->fine move also with a
-  ``prefilter``: the fine input blurred like the pyramid before the moved network sees it.
+  ``prefilter``: the fine input blurred like the pyramid before the moved network sees it;
+  ``free`` coarse->fine also ``dilate`` (``to_resolution(dilate=True)``: the stencils' taps kept at
+  their physical offsets), its prefilter the moved network's own input blur
+  (``to_resolution(prefilter=1)``, the pyramid's blur between the two grids);
+* ``--fine-blur``: one more fine network per kind, trained on its own grid with the coarse
+  bandwidth built in (``ODENetConfig.input_blur`` = the pyramid's blur between the grids), moved
+  down with ``prefilter=1`` (the blur taken off): rows ``<method> (fine net: coarse bandwidth)``;
+* ``--fine-dilated`` (free stencils): one more fine network trained on its own grid with the coarse
+  bandwidth and the coarse footprint (``dilation`` = the grid ratio: taps as far apart as the coarse
+  grid's pixels), moved down by ``dilate`` with the blur taken off.
 
 Also per kind: training images/s at each resolution (the same loop, ``mscnn.train.fit``).
 """
@@ -30,7 +39,7 @@ import torch
 from common import ROOT, machine, metrics_of, publish
 
 from mscnn.data import Split, coarsen, mnist_splits
-from mscnn.hierarchy import to_resolution
+from mscnn.hierarchy import pyramid_blur, to_resolution
 from mscnn.ode import ODENet
 from mscnn.train import accuracy, fit
 from mscnn.transfer import gaussian_blur, prolong_image
@@ -53,15 +62,21 @@ def run_pair(kind: str, n_c: int, n_f: int, data: dict, args, seed: int) -> list
     fine = {k: data[k] for k in ("train", "val", "test")}
     coarse = {k: coarsen(v, levels, 1.0) for k, v in fine.items()}
     nets, speed = {}, {}
-    for n, d in ((n_c, coarse), (n_f, fine)):
+    nets_to_train = [(n_c, coarse, 0.0, 1), (n_f, fine, 0.0, 1)]
+    if args.fine_blur:
+        nets_to_train.append((n_f, fine, pyramid_blur(n_c, n_f, 1.0), 1))
+    if args.fine_dilated and kind == "free":
+        nets_to_train.append((n_f, fine, pyramid_blur(n_c, n_f, 1.0), 2**levels))
+    for n, d, input_blur, dilation in nets_to_train:
         torch.manual_seed(seed)
         net = ODENet(channels=args.channels, steps=args.steps, n=n, stencil=kind,
-                     stencil_scale=args.scale)
+                     stencil_scale=args.scale, input_blur=input_blur, dilation=dilation)
         t0 = time.perf_counter()
         hist = fit(net, d["train"], args.epochs, args.lr, 128, seed)
-        speed[n] = {"images_per_s": statistics.median(h["images_per_s"] for h in hist),
-                    "seconds": time.perf_counter() - t0}
-        nets[n] = net
+        key = n if not input_blur else f"{n} blurred" + " dilated" * (dilation > 1)
+        speed[key] = {"images_per_s": statistics.median(h["images_per_s"] for h in hist),
+                      "seconds": time.perf_counter() - t0}
+        nets[key] = net
     rows = []
 
     def row(direction, method, net, split_of):
@@ -73,12 +88,28 @@ def run_pair(kind: str, n_c: int, n_f: int, data: dict, args, seed: int) -> list
     row("fine", "native", nets[n_f], lambda e: fine[e])
     row("coarse->fine", "ceiling", nets[n_c], lambda e: coarse[e])
     row("fine->coarse", "ceiling", nets[n_f], lambda e: _prolong(coarse[e], levels))
+    if args.fine_blur:
+        row("fine", "native (fine net: coarse bandwidth)", nets[f"{n_f} blurred"], lambda e: fine[e])
     moves = [("naive", True), ("galerkin", False)] if kind == "free" else [("consistent", False)]
     for method, naive in moves:
         up = to_resolution(nets[n_c], n_f, naive=naive)
         row("coarse->fine", method, up, lambda e: fine[e])
         row("coarse->fine", method + " + prefilter", up, lambda e: _prefilter(fine[e], levels))
         row("fine->coarse", method, to_resolution(nets[n_f], n_c, naive=naive), lambda e: coarse[e])
+        if args.fine_blur:
+            bl = nets[f"{n_f} blurred"]
+            row("fine->coarse", f"{method} (fine net: coarse bandwidth)",
+                to_resolution(bl, n_c, naive=naive, prefilter=1.0), lambda e: coarse[e])
+    if f"{n_f} blurred dilated" in nets:
+        dl = nets[f"{n_f} blurred dilated"]
+        row("fine", "native (fine net: dilated, coarse bandwidth)", dl, lambda e: fine[e])
+        row("fine->coarse", "dilate (fine net: dilated, coarse bandwidth)",
+            to_resolution(dl, n_c, dilate=True, prefilter=1.0), lambda e: coarse[e])
+    if kind == "free":
+        up = to_resolution(nets[n_c], n_f, dilate=True)
+        row("coarse->fine", "dilate", up, lambda e: fine[e])
+        up = to_resolution(nets[n_c], n_f, dilate=True, prefilter=1.0)
+        row("coarse->fine", "dilate + prefilter", up, lambda e: fine[e])
     for r in rows:
         r["speed"] = speed
     return rows
@@ -152,6 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--speed-repeats", type=int, default=5, help="alternating speed rounds (0: none)")
     ap.add_argument("--speed-only", action="store_true", help="only the alternating speed table")
+    ap.add_argument("--fine-blur", action="store_true",
+                    help="also a fine network trained with the coarse bandwidth built in, moved down")
+    ap.add_argument("--fine-dilated", action="store_true",
+                    help="also a free fine network with the coarse footprint and bandwidth, moved down")
+    ap.add_argument("--stem", default="consistent_stencils", help="results file name")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -188,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + md)
     metrics = metrics_of({f"{r['pair']}/{r['kind']}/{r['direction']}/{r['method']}/{r['eval']}/s{r['seed']}":
                           {"accuracy": r["accuracy"]} for r in rows})
-    publish(args.out, "consistent_stencils", md, {"args": vars(args), "rows": rows}, vars(args), metrics)
+    publish(args.out, args.stem, md, {"args": vars(args), "rows": rows}, vars(args), metrics)
 
 
 if __name__ == "__main__":

@@ -141,14 +141,14 @@ class Split:
 
 
 def coarsen(data: Split, levels: int, sigma: float, pair: str = "full-weighting") -> Split:
-    """``levels`` times ``restrict_image(gaussian_blur(x, sigma), pair)`` (a pyramid's step), in
-    chunks; labels kept."""
-    from mscnn.transfer import gaussian_blur, restrict_image
+    """``levels`` times ``restrict_image(gaussian_blur(x, sigma), pair)`` (a pyramid's step,
+    ``mscnn.transfer.pyramid_step``), in chunks; labels kept."""
+    from mscnn.transfer import pyramid_step
 
     xs = []
     for x in data.x.split(4096):
         for _ in range(levels):
-            x = restrict_image(gaussian_blur(x, sigma), pair)
+            x = pyramid_step(x, sigma, pair)
         xs.append(x)
     return Split(torch.cat(xs), data.y)
 

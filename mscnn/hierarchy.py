@@ -8,9 +8,13 @@ Options: ``galerkin`` names the layer groups whose stencils get Galerkin transfe
 prolongation (``mscnn.transfer.prolong_stencil``), ``prefilter`` (the pyramid's blur, in pixels) makes a
 network moved to a finer grid blur its input as the pyramid blurred the coarse images
 (``ODENetConfig.input_blur``, see ``pyramid_blur``), so it starts at the bandwidth it was trained at,
-and takes that blur off again on the way down. ``resolution_state`` is the same map on a state
-dict, differentiable, for training one set of parameters at several resolutions
-(``mscnn.multires``).
+and takes that blur off again on the way down. ``dilate`` keeps every free stencil at its physical
+offsets: moved ``k`` levels finer its taps are ``2**k`` pixels apart (``ODENetConfig.dilation``), so
+the moved network is the old one run on each of the ``4**k`` interleaved sub-grids of the finer image
+(the a-trous construction); with the prefilter it sees the bandwidth it was trained at. A dilated
+network moves back down exactly; one with adjacent taps cannot move down this way.
+``resolution_state`` is the same map on a state dict, differentiable, for training one set of
+parameters at several resolutions (``mscnn.multires``).
 
 The connective layers are 1x1 (pointwise) kernels and always move unchanged: the Galerkin product of
 a pointwise ``c I`` is ``c R P``, which is ``c I`` for the ``"average"`` pair and a 3x3 stencil (not a
@@ -112,6 +116,7 @@ def resolution_state(
     galerkin: tuple[str, ...] | list[str] = LAYER_GROUPS,
     state: dict[str, torch.Tensor] | None = None,
     prefilter: float = 0.0,
+    dilate: bool = False,
 ) -> tuple[ODENetConfig, dict[str, torch.Tensor]]:
     """The config and state dict of ``model`` moved to ``n x n`` images (see ``to_resolution``).
 
@@ -127,16 +132,28 @@ def resolution_state(
             f"to_resolution: unknown layer groups {unknown} in galerkin; valid: {list(LAYER_GROUPS)} "
             "(connective layers are 1x1 and always move unchanged)"
         )
+    dilation = cfg.dilation
+    if dilate:
+        if cfg.stencil != "free":
+            raise ValueError(f"to_resolution: dilate moves free stencils; stencil {cfg.stencil!r} is "
+                             "re-discretised on each grid (move it without dilate)")
+        if cfg.dilation * 2.0**k < 1:
+            raise ValueError(
+                f"to_resolution: dilate cannot move a {cfg.n}x{cfg.n} network with dilation "
+                f"{cfg.dilation} to {n}x{n} (its taps would be closer than one pixel); "
+                "use naive or Galerkin stencils"
+            )
+        dilation = round(cfg.dilation * 2.0**k)
     try:
         blur = prefiltered_blur(cfg.input_blur, cfg.n, n, prefilter)
-        new_cfg = cfg.replace(n=n, pair=pair, input_blur=blur)
+        new_cfg = cfg.replace(n=n, pair=pair, input_blur=blur, dilation=dilation)
     except ValueError as e:
         raise ValueError(
             f"to_resolution: cannot move a {cfg.n}x{cfg.n} network to {n}x{n}: {e}"
         ) from None
     if state is None:
         state = dict(model.named_parameters()) | dict(model.named_buffers())
-    groups = () if naive else tuple(galerkin)
+    groups = () if naive or dilate else tuple(galerkin)
     down_s = functools.partial(restrict_stencil, pair=pair)
     up_s = functools.partial(prolong_stencil, pair=pair, lam=lam)
     down_i = functools.partial(restrict_image, pair=pair)
@@ -160,6 +177,7 @@ def to_resolution(
     lam: float = 0.0,
     galerkin: tuple[str, ...] | list[str] = LAYER_GROUPS,
     prefilter: float = 0.0,
+    dilate: bool = False,
 ) -> ODENet:
     """A new ``ODENet`` for ``n x n`` images (``n = model.n * 2**k``), no retraining.
 
@@ -169,6 +187,8 @@ def to_resolution(
     ``prefilter``: the pyramid's ``sigma`` in pixels (0: none) -- moving to a finer grid, the new
     network blurs its input as the pyramid blurred the images the old one saw (``input_blur``);
     moving to a coarser grid, that blur is taken off (the pyramid's images carry it).
+    ``dilate=True``: free stencils keep their weights and their physical tap offsets
+    (``ODENetConfig.dilation`` times ``n / model.n``), only ``W`` moves (see the module docstring).
     ``pair`` defaults to the model's transfer pair. The result is on the device and dtype of ``model``.
 
     >>> net = ODENet(channels=2, steps=1, n=8)
@@ -177,7 +197,7 @@ def to_resolution(
     (True, torch.Size([10, 2, 16, 16]))
     """
     new_cfg, state = resolution_state(model, n, naive, pair, lam, galerkin, state=model.state_dict(),
-                                      prefilter=prefilter)
+                                      prefilter=prefilter, dilate=dilate)
     p = next(model.parameters())
     new = ODENet(new_cfg).to(device=p.device, dtype=p.dtype)
     new.load_state_dict(state)

@@ -79,6 +79,10 @@ class ODENetConfig:
     # a Gaussian applied to the input, sigma in image widths (0: none); set by a prefiltered move
     # (mscnn.hierarchy.to_resolution(prefilter=...)) so a finer grid sees the coarse bandwidth
     input_blur: float = 0.0
+    # spacing of the free 3x3 stencils' taps, in pixels (1: adjacent). A free network moved k
+    # levels finer by ``to_resolution(dilate=True)`` keeps each stencil at its physical offsets:
+    # dilation 2**k (the coarse network run on each of the fine grid's 4**k interleaved sub-grids)
+    dilation: int = 1
 
     def __post_init__(self) -> None:
         for key in ("channels", "steps"):  # lists from JSON/YAML become tuples (hashable, frozen)
@@ -95,6 +99,13 @@ class ODENetConfig:
             raise ValueError(f"ODENetConfig.stencil_scale: must be > 0, got {self.stencil_scale!r}")
         if not (self.input_blur >= 0 and math.isfinite(self.input_blur)):
             raise ValueError(f"ODENetConfig.input_blur: must be >= 0, got {self.input_blur!r}")
+        if not (isinstance(self.dilation, int) and self.dilation >= 1):
+            raise ValueError(f"ODENetConfig.dilation: must be an int >= 1, got {self.dilation!r}")
+        if self.dilation > 1 and self.stencil != "free":
+            raise ValueError(
+                f"ODENetConfig.dilation: {self.dilation} applies to free stencils only; "
+                f"stencil {self.stencil!r} is re-discretised on each grid"
+            )
         if self.classifier not in CLASSIFIERS:
             raise ValueError(
                 f"ODENetConfig.classifier: unknown {self.classifier!r}; valid: {sorted(CLASSIFIERS)}"
@@ -141,6 +152,8 @@ class ODENetConfig:
         d = asdict(self)
         d["channels"] = self.unit_channels if not isinstance(self.channels, int) else self.channels
         d["steps"] = list(self.steps) if not isinstance(self.steps, int) else self.steps
+        if d["dilation"] == 1:  # added later: files of networks that do not use it stay as they were
+            del d["dilation"]
         return d
 
     @classmethod
@@ -160,9 +173,9 @@ class EulerUnit(nn.Module):
     """
 
     def __init__(self, channels: int, steps: int, T: float, act: str = "tanh",
-                 stencil: str = "free", scale: float = 0.05) -> None:
+                 stencil: str = "free", scale: float = 0.05, dilation: int = 1) -> None:
         super().__init__()
-        self.T = float(T)
+        self.T, self.dilation = float(T), int(dilation)
         self.act_name, self.stencil, self.scale = act, stencil_kind(stencil), float(scale)
         taps = (3, 3) if stencil == "free" else (6,)
         bound = 1.0 / math.sqrt(math.prod(taps) * channels)  # nn.Conv2d's default scale
@@ -180,7 +193,8 @@ class EulerUnit(nn.Module):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         act, dt = activation(self.act_name), self.dt
         for k in range(self.steps):
-            y = y + dt * act(stencil_conv(y, self.K[k], self.b[k], self.stencil, self.scale))
+            y = y + dt * act(stencil_conv(y, self.K[k], self.b[k], self.stencil, self.scale,
+                                          self.dilation))
         return y
 
 
@@ -216,10 +230,11 @@ class ODENet(nn.Module):
         self.config = config
         chans, steps = config.unit_channels, config.unit_steps
         kind, scale = config.stencil, config.stencil_scale
-        self.opening = (nn.Conv2d(config.in_channels, chans[0], 3, padding=1) if kind == "free"
+        d = config.dilation
+        self.opening = (nn.Conv2d(config.in_channels, chans[0], 3, padding=d, dilation=d) if kind == "free"
                         else StencilConv(config.in_channels, chans[0], layer_kind(kind, "opening"), scale))
         self.units = nn.ModuleList(
-            EulerUnit(c, s, config.T, config.activation, layer_kind(kind, "units"), scale)
+            EulerUnit(c, s, config.T, config.activation, layer_kind(kind, "units"), scale, d)
             for c, s in zip(chans, steps, strict=True)
         )
         self.connectives = nn.ModuleList(

@@ -135,14 +135,14 @@ def blur(y: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def stencil_conv(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str,
-                 scale: float) -> torch.Tensor:
+                 scale: float, dilation: int = 1) -> torch.Tensor:
     """The functional form of ``StencilConv`` (what ``EulerUnit`` calls with one time step's
     weights). The consistent kinds build their effective 3x3 kernel ``sum_a theta_a D_a`` and run
     one dense conv, on the Gaussian-blurred input for ``"gaussian"`` (``D_a G y = D_a (G y)``:
     the derivatives of the blurred field), so they cost a free 3x3 conv plus, for ``"gaussian"``,
-    one separable blur."""
+    one separable blur. ``dilation``: the free stencil's tap spacing in pixels."""
     if kind == "free":
-        return F.conv2d(y, weight, bias, padding=1)
+        return F.conv2d(y, weight, bias, padding=dilation, dilation=dilation)
     d = _differences_on(y.shape[-1], float(scale), weight.dtype, weight.device)
     kernel = torch.einsum("oia,apq->oipq", weight, d)
     if kind == "gaussian":

@@ -46,6 +46,7 @@ __all__ = [
     "level_operator",
     "prolong_image",
     "prolong_stencil",
+    "pyramid_step",
     "restrict_image",
     "restrict_stencil",
 ]
@@ -184,6 +185,26 @@ def level_operator(n: int, sigma: float, pair: str = "full-weighting") -> torch.
             if 0 <= c < n:
                 r[big, c] = w
     return r @ blur
+
+
+@cache
+def _level_operator(n: int, sigma: float, pair: str) -> torch.Tensor:
+    return level_operator(n, sigma, pair)
+
+
+def pyramid_step(x: torch.Tensor, sigma: float, pair: str = "full-weighting") -> torch.Tensor:
+    """One pyramid level, ``(..., n, n) -> (..., n/2, n/2)``: ``restrict_image(gaussian_blur(x,
+    sigma), pair)`` computed as ``M x M^T`` (``level_operator``, cached per grid; the matrix in
+    ``x``'s dtype) -- the one pyramid step the build, ``mscnn.data.coarsen`` and ``mscnn predict``
+    share.
+
+    >>> x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    >>> torch.allclose(pyramid_step(x, 1.0), restrict_image(gaussian_blur(x, 1.0)))
+    True
+    """
+    _check_image(x, "pyramid_step", need_even=True)
+    M = _level_operator(x.shape[-1], float(sigma), pair).to(dtype=x.dtype, device=x.device)
+    return M @ x @ M.T
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -300,6 +300,8 @@ class ScheduleConfig(_Strict):
         # fields added later leave the hash of a schedule that does not use them unchanged
         if not d["model"].get("input_blur", 1):
             del d["model"]["input_blur"]
+        if d["model"].get("dilation") == 1:
+            del d["model"]["dilation"]
         for lv in d["levels"]:
             if not lv["prefilter"]:
                 del lv["prefilter"]

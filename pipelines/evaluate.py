@@ -68,8 +68,9 @@ def transfer_rows(fine: ODENet, coarse: ODENet, fine_eval: Split, coarse_eval: S
     stencils (``stencil`` other than ``free``) are re-discretised, one row ``consistent`` per
     direction. With the pyramid's blur ``sigma`` (pixels), every coarse -> fine move also
     prefiltered (``<method>-prefilter``: ``to_resolution(prefilter=sigma)``), and fine -> coarse
-    too when the fine network carries an input blur (which that move takes off).
-    Rows ``{pair, direction, method, accuracy}``."""
+    too when the fine network carries an input blur (which that move takes off). A free coarse
+    network also moves up by ``dilate`` (its stencils' taps kept at their physical offsets), and
+    ``dilate-prefilter`` with ``sigma``. Rows ``{pair, direction, method, accuracy}``."""
     rows = [
         dict(pair=pair, direction="fine", method="native", accuracy=accuracy(fine, fine_eval)),
         dict(pair=pair, direction="coarse", method="native", accuracy=accuracy(coarse, coarse_eval)),
@@ -91,4 +92,9 @@ def transfer_rows(fine: ODENet, coarse: ODENet, fine_eval: Split, coarse_eval: S
             down = to_resolution(fine, coarse.n, naive=naive, pair=pair, prefilter=sigma)
             rows.append(dict(pair=pair, direction="fine->coarse", method=method + "-prefilter",
                              accuracy=accuracy(down, coarse_eval)))
+    if coarse.config.stencil == "free":
+        for blur in (0.0, sigma) if sigma else (0.0,):
+            up = to_resolution(coarse, fine.n, pair=pair, prefilter=blur, dilate=True)
+            rows.append(dict(pair=pair, direction="coarse->fine", method="dilate" + "-prefilter" * bool(blur),
+                             accuracy=accuracy(up, fine_eval)))
     return rows

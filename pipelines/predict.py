@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from mscnn.checkpoint import load_checkpoint
 from mscnn.hierarchy import to_resolution
 from mscnn.ode import ODENet
-from mscnn.transfer import gaussian_blur, restrict_image
+from mscnn.transfer import pyramid_step
 
 __all__ = ["METHODS", "export", "predict", "read_images", "to_images"]
 
@@ -104,7 +104,7 @@ def to_images(model: torch.nn.Module, x: torch.Tensor, data: dict, method: str =
             raise ValueError(f"method coarsen-images: the images ({n_img}) are coarser than "
                              f"the network ({n_net})")
         for _ in range(k):
-            x = restrict_image(gaussian_blur(x, data.get("sigma", 1.0)), data.get("pair", "full-weighting"))
+            x = pyramid_step(x, data.get("sigma", 1.0), data.get("pair", "full-weighting"))
         return model, x * scale, f"images coarsened {n_img} -> {n_net} (blur + restriction, as the pyramid)"
     moved, how = _moved(model, n_img, k, data.get("sigma", 1.0))
     return moved, x * scale, f"network moved {n_net} -> {n_img} ({how})"
@@ -112,13 +112,16 @@ def to_images(model: torch.nn.Module, x: torch.Tensor, data: dict, method: str =
 
 def _moved(model: torch.nn.Module, n: int, k: int, sigma: float = 1.0):
     """``(network for n x n images, how)``, ``n = model.config.n * 2**k``: scale-consistent
-    stencils re-discretised, free ones kept (measured at least as good as Galerkin moving down),
+    stencils re-discretised; free ones dilated on the way to a finer grid (and a dilated network's
+    undilated on the way back), else kept (measured at least as good as Galerkin moving down);
     prefiltered with the pyramid's ``sigma`` (a finer grid sees the bandwidth the network was
     trained at; measured best in benchmarks/RESULTS.md), a ResNet through ``resnet_to_resolution``."""
     if isinstance(model, ODENet):
         free = model.config.stencil == "free"
-        moved = to_resolution(model, n, naive=free, prefilter=sigma).eval()
-        return moved, ("stencils kept" if free else "re-discretised") + f", prefilter {sigma:g} px"
+        dilate = free and model.config.dilation * 2.0**k >= 1
+        moved = to_resolution(model, n, naive=free, prefilter=sigma, dilate=dilate).eval()
+        how = "stencils dilated" if dilate else "stencils kept" if free else "re-discretised"
+        return moved, how + f", prefilter {sigma:g} px"
     from mscnn.resnet import resnet_to_resolution
 
     return resnet_to_resolution(model, k).eval(), "Galerkin"

@@ -114,3 +114,44 @@ def test_to_depth_per_unit_and_errors():
     assert [u.steps for u in deep.units] == [4, 8]
     with pytest.raises(ValueError, match="expected 2 step counts"):
         to_depth(net, [4])
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_dilated_move_runs_the_coarse_network_on_each_interleaved_subgrid(k):
+    # a free network moved k levels finer by dilation: its state at final time, read on the
+    # sub-grid of phase (i, j), is the coarse network's state on that sub-grid of the fine image,
+    # exactly (zero padding included); with the "average" pair (W prolonged by copying) its logits
+    # are the mean over the 4**k sub-grids of the coarse network's
+    torch.manual_seed(0)
+    net = ODENet(channels=3, steps=2, n=6, pair="average").double()
+    with torch.no_grad():
+        net.classifier.mu.normal_()
+    up = to_resolution(net, 6 * 2**k, dilate=True)
+    assert up.config.dilation == 2**k and up.opening.dilation == (2**k, 2**k)
+    assert torch.equal(up.units[0].K, net.units[0].K) and torch.equal(up.opening.weight, net.opening.weight)
+    x = torch.randn(2, 1, 6 * 2**k, 6 * 2**k, dtype=torch.float64)
+    s = 2**k
+    feats, logits = up.features(x), up(x)
+    coarse = [(i, j, x[..., i::s, j::s]) for i in range(s) for j in range(s)]
+    for i, j, xc in coarse:
+        torch.testing.assert_close(feats[..., i::s, j::s], net.features(xc), rtol=0, atol=1e-12)
+    mean = torch.stack([net(xc) for _, _, xc in coarse]).mean(0)
+    torch.testing.assert_close(logits, mean, rtol=0, atol=1e-12)
+    back = to_resolution(up, 6, dilate=True)  # and back down, exactly
+    assert back.config == net.config
+    for (a, ta), (b, tb) in zip(back.state_dict().items(), net.state_dict().items(), strict=True):
+        assert a == b and torch.equal(ta, tb), a
+    naive = to_resolution(net, 6 * 2**k, naive=True)  # the same weights with adjacent taps differ
+    assert (naive(x) - logits).abs().max() > 1e-3
+
+
+def test_dilated_move_errors_name_the_cause():
+    net = ODENet(channels=2, steps=1, n=8)
+    with pytest.raises(ValueError, match="dilation 1 to 4x4.*closer than one pixel"):
+        to_resolution(net, 4, dilate=True)
+    with pytest.raises(ValueError, match="dilate moves free stencils; stencil 'gaussian'"):
+        to_resolution(ODENet(channels=2, steps=1, n=8, stencil="gaussian"), 16, dilate=True)
+    with pytest.raises(ValueError, match="ODENetConfig.dilation: 2 applies to free stencils only"):
+        ODENet(channels=2, steps=1, n=8, stencil="moment", dilation=2)
+    assert "dilation" not in net.config.to_dict()  # files of undilated networks are unchanged
+    assert to_resolution(net, 16, dilate=True).config.to_dict()["dilation"] == 2

@@ -170,6 +170,7 @@ def test_cross_resolution_evaluation_of_the_two_stages(two_level):
     got = {(r["direction"], r["method"]): r["accuracy"] for r in rows}
     moves = {(d, m + p) for d in ("coarse->fine", "fine->coarse") for m in ("galerkin", "naive")
              for p in ("", "-prefilter")}  # the fine stage carries the pyramid's blur: both ways
+    moves |= {("coarse->fine", "dilate"), ("coarse->fine", "dilate-prefilter")}  # free stencils, up
     assert set(got) == {("fine", "native"), ("coarse", "native")} | moves
     assert got[("coarse", "native")] == pytest.approx(res["stages"][0]["best_val_accuracy"])
     assert got[("fine", "native")] == pytest.approx(res["stages"][1]["best_val_accuracy"])
