@@ -316,7 +316,7 @@ def train_func(config: dict) -> None:
         state["init"] = {"init_val_loss": vloss / max(total, 1), "init_val_accuracy": correct / max(total, 1)}
     # this attempt's stamps (a resumed stage starts a new attempt)
     state["timeline"] = {"entered": t_entry, "setup_done": t_setup, "init_validated": time.time(),
-                         "report_s": 0.0}
+                         "report_s": 0.0, "seconds_before": state["seconds"]}
     step0 = state["step"]
     for epoch in range(state["epoch"] + 1, spec.epochs):
         t0 = time.perf_counter()
@@ -475,7 +475,9 @@ def stage_phases(stamps: dict, state: dict) -> dict[str, float]:
     ``init_validation`` (the incoming network on the val split), ``epochs`` (training and
     validation), ``reports`` (checkpoints written and reported, all but the last), ``teardown``
     (from the last report, its checkpoint's persistence included, until ``fit`` returned), and
-    ``other`` (the rest of the fit: metric all-reduces between epochs, earlier attempts)."""
+    ``other`` (the rest of the fit: metric all-reduces between epochs). After a worker restart the
+    phases are the last attempt's: the earlier attempts' time is in ``worker_start`` (from ``fit``
+    until the last attempt's loop ran), their epochs are not counted again in ``epochs``."""
     t = state.get("timeline") or {}
     if not t or "fit_start" not in stamps:
         return {}
@@ -484,7 +486,7 @@ def stage_phases(stamps: dict, state: dict) -> dict[str, float]:
            "worker_start": t["entered"] - stamps["fit_start"],
            "setup": t["setup_done"] - t["entered"],
            "init_validation": t["init_validated"] - t["setup_done"],
-           "epochs": state["seconds"], "reports": t["report_s"],
+           "epochs": state["seconds"] - t.get("seconds_before", 0.0), "reports": t["report_s"],
            "teardown": stamps["fit_end"] - t.get("last_report", t["init_validated"])}
     out["other"] = fit - sum(v for k, v in out.items() if k != "datasets")
     return {k: round(v, 3) for k, v in out.items()}

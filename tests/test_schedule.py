@@ -99,6 +99,9 @@ def test_stage_phases_arithmetic():
                                            "init_validation": 2.0, "epochs": 12.0, "reports": 1.5,
                                            "teardown": 3.0, "other": 0.5}
     assert stage_phases({}, state) == {} and stage_phases(stamps, {"seconds": 1.0}) == {}
+    # a resumed attempt: 5 s of epochs came before it (inside worker_start), not counted twice
+    state = {**state, "seconds": 17.0, "timeline": {**state["timeline"], "seconds_before": 5.0}}
+    assert stage_phases(stamps, state)["epochs"] == 12.0 and stage_phases(stamps, state)["other"] == 0.5
 
 
 def test_the_fine_level_starts_from_the_prolonged_best_checkpoint(two_level):
