@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--activation", default="tanh")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--data", choices=["mnist", "imagenette"], default="mnist")
-    ap.add_argument("--size", type=int, default=None, help="fine n (default: 28 mnist, 128 imagenette)")
+    ap.add_argument("--size", type=int, default=None,
+                    help="fine n (default: 28 mnist, 128 imagenette; mnist above 28: zero-padded)")
     ap.add_argument("--train-count", type=int, default=50_000, help="training images (a subset: checks)")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--seed", type=int, default=0)
@@ -134,8 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     size = args.size or (28 if args.data == "mnist" else 128)
     if args.data == "mnist":
         d = mnist_splits(args.data_dir)
-        if size != 28:
-            raise SystemExit("--data mnist: --size must be 28")
+        if size < 28 or size % 2:
+            raise SystemExit("--data mnist: --size must be 28, or an even size above it (zero-padded)")
+        pad = (size - 28) // 2  # e.g. 32: padded as LeNet-5 did, so three units (n % 4 == 0) fit 16x16
+        d = {k: Split(torch.nn.functional.pad(v.x, (pad,) * 4), v.y) for k, v in d.items()}
     else:
         root, tried = find_data_dir("imagenet10", args.data_dir, lambda p: (p / "train").is_dir())
         if root is None:

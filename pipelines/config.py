@@ -247,7 +247,7 @@ class ScheduleConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_levels(self) -> ScheduleConfig:
-        sizes = [self.pyramid.source.size >> k for k in range(self.pyramid.levels)]
+        sizes = [self.pyramid.source.image_size >> k for k in range(self.pyramid.levels)]
         for i, lv in enumerate(self.levels):  # checked here, before Ray starts
             try:
                 self.model_config_for(i)

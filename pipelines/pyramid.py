@@ -80,15 +80,23 @@ class SourceConfig(BaseModel):
     limit: int | None = None  # take only the first `limit` images of each file/split (subsets)
     idx: IdxFiles | None = None  # idx: the files (required); mnist: MNIST's names
     class_names: list[str] | None = None  # idx: names of classes 0..k-1 (default: "0".."max label")
+    # mnist/idx: zero pixels added on every side (MNIST at 32x32 with pad 2, as LeNet-5 read it:
+    # networks with three units, n % 4 == 0, then fit the 16x16 level too)
+    pad: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> SourceConfig:
         if self.kind == "idx" and (self.idx is None or not self.path):
             raise ValueError("kind 'idx' needs path (the folder) and idx: {train: [images, labels], "
                              "test: [images, labels]} (file names inside it)")
-        if self.kind not in ("idx", "mnist") and (self.idx or self.class_names):
-            raise ValueError(f"idx and class_names are for kind 'idx', not {self.kind!r}")
+        if self.kind not in ("idx", "mnist") and (self.idx or self.class_names or self.pad):
+            raise ValueError(f"idx, class_names and pad are for kinds 'idx' and 'mnist', not {self.kind!r}")
         return self
+
+    @property
+    def image_size(self) -> int:
+        """The side of the pyramid's finest level: ``size`` plus the padding on both sides."""
+        return self.size + 2 * self.pad
 
     def idx_files(self) -> dict[str, tuple[str, str]]:
         """``{split: (images, labels)}`` of an IDX source (MNIST's names for ``mnist``)."""
@@ -121,8 +129,8 @@ class PyramidConfig(BaseModel):
         source was read from (the source's content enters through its checksums)."""
         d = self.model_dump(exclude={"name"})
         d["source"]["path"] = None  # as if found through MSCNN_DATA_DIR: those hashes stay as they were
-        for later in ("idx", "class_names"):  # fields added later count only when set
-            if d["source"][later] is None:
+        for later in ("idx", "class_names", "pad"):  # fields added later count only when set
+            if not d["source"][later]:
                 del d["source"][later]
         return d
 
@@ -185,6 +193,8 @@ def _load_source(cfg: PyramidConfig) -> tuple[dict, dict, dict[str, tuple[np.nda
                                  f"{x.shape} and {y.shape} ({d / lab_f})")
             if len(x) != len(y):
                 raise ValueError(f"{d / img_f} has {len(x)} images but {d / lab_f} has {len(y)} labels")
+            if src.pad:
+                x = np.pad(x, ((0, 0), (src.pad, src.pad), (src.pad, src.pad)))
             arrays[split] = (x[:, None], y.astype(np.int64))
         names = src.class_names or [str(i) for i in range(
             10 if src.kind == "mnist" else int(arrays["train"][1].max()) + 1)]

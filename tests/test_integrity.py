@@ -197,6 +197,14 @@ def test_any_idx_data_set_without_code(tmp_path):
     two = cfg.model_copy(update={"source": cfg.source.model_copy(update={"class_names": ["a", "b"]})})
     with pytest.raises(ValueError, match=r"tr-lab\.gz: labels must be in 0\.\.1 \(2 classes\); found \[2\]"):
         _load_source(two)
+    # pad: zero pixels on every side, the images themselves in the middle
+    padded = cfg.model_copy(update={"source": cfg.source.model_copy(update={"pad": 2})})
+    tr, tr_p = splits["train"][0], _load_source(padded)[2]["train"][0]
+    assert tr_p.shape == (30, 1, 12, 12) and np.array_equal(tr_p[..., 2:10, 2:10], tr)
+    assert tr_p.sum() == tr.sum() and padded.identity()["source"]["pad"] == 2
+    assert "pad" not in cfg.identity()["source"]  # unset: the old pyramids keep their hashes
+    with pytest.raises(ValueError, match=r"pad are for kinds 'idx' and 'mnist', not 'synthetic'"):
+        SourceConfig(kind="synthetic", pad=2)
     with pytest.raises(FileNotFoundError, match=r"source\.idx: .*te-img\.gz not found"):
         (tmp_path / "te-img.gz").unlink()
         _load_source(cfg)
