@@ -70,7 +70,8 @@ def transfer_rows(fine: ODENet, coarse: ODENet, fine_eval: Split, coarse_eval: S
     prefiltered (``<method>-prefilter``: ``to_resolution(prefilter=sigma)``), and fine -> coarse
     too when the fine network carries an input blur (which that move takes off). A free coarse
     network also moves up by ``dilate`` (its stencils' taps kept at their physical offsets), and
-    ``dilate-prefilter`` with ``sigma``. Rows ``{pair, direction, method, accuracy}``."""
+    ``dilate-prefilter`` with ``sigma``; a dilated free fine network (``ODENetConfig.dilation``)
+    moves down the same way. Rows ``{pair, direction, method, accuracy}``."""
     rows = [
         dict(pair=pair, direction="fine", method="native", accuracy=accuracy(fine, fine_eval)),
         dict(pair=pair, direction="coarse", method="native", accuracy=accuracy(coarse, coarse_eval)),
@@ -97,4 +98,8 @@ def transfer_rows(fine: ODENet, coarse: ODENet, fine_eval: Split, coarse_eval: S
             up = to_resolution(coarse, fine.n, pair=pair, prefilter=blur, dilate=True)
             rows.append(dict(pair=pair, direction="coarse->fine", method="dilate" + "-prefilter" * bool(blur),
                              accuracy=accuracy(up, fine_eval)))
+    if fine.config.stencil == "free" and fine.config.dilation * coarse.n >= fine.n:  # a dilated fine net
+        down = to_resolution(fine, coarse.n, pair=pair, prefilter=sigma, dilate=True)
+        rows.append(dict(pair=pair, direction="fine->coarse", method="dilate" + "-prefilter" * bool(sigma),
+                         accuracy=accuracy(down, coarse_eval)))
     return rows

@@ -159,3 +159,21 @@ def test_recalibrate_batchnorm_gives_the_exact_mean_over_the_data():
     assert bn.momentum == 0.1 and not model.training
     with pytest.raises(ValueError, match="no batch-norm"):
         recalibrate_batchnorm(nn.Linear(2, 2), xs)
+
+
+def test_evaluation_rows_move_free_networks_by_dilation_both_ways():
+    from mscnn.transfer import pyramid_step
+    from pipelines.evaluate import transfer_rows
+
+    torch.manual_seed(0)
+    coarse = ODENet(channels=2, steps=1, n=8, classes=3)
+    fine = to_resolution(coarse, 16, dilate=True, prefilter=1.0)  # a dilated fine network
+    x, y = torch.rand(64, 1, 16, 16), torch.randint(0, 3, (64,))
+    fine_eval, coarse_eval = Split(x, y), Split(pyramid_step(x, 1.0), y)
+    rows = {(r["direction"], r["method"]): r["accuracy"]
+            for r in transfer_rows(fine, coarse, fine_eval, coarse_eval, "full-weighting", 1.0)}
+    # moved back down, the dilated network is the coarse one again: the same accuracy exactly
+    assert rows[("fine->coarse", "dilate-prefilter")] == rows[("coarse", "native")]
+    # and moved up, the coarse network is the fine one
+    assert rows[("coarse->fine", "dilate-prefilter")] == rows[("fine", "native")]
+    assert ("coarse->fine", "dilate") in rows
