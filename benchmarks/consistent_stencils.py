@@ -45,6 +45,11 @@ from mscnn.train import accuracy, fit
 from mscnn.transfer import gaussian_blur, prolong_image
 
 
+def _channels(args) -> int | tuple[int, ...]:
+    """``--channels``: one unit, or one unit per entry (connective restrictions between them)."""
+    return args.channels[0] if len(args.channels) == 1 else tuple(args.channels)
+
+
 def _prolong(d: Split, levels: int) -> Split:
     x = d.x
     for _ in range(levels):
@@ -69,7 +74,8 @@ def run_pair(kind: str, n_c: int, n_f: int, data: dict, args, seed: int) -> list
         nets_to_train.append((n_f, fine, pyramid_blur(n_c, n_f, 1.0), 2**levels))
     for n, d, input_blur, dilation in nets_to_train:
         torch.manual_seed(seed)
-        net = ODENet(channels=args.channels, steps=args.steps, n=n, stencil=kind,
+        net = ODENet(channels=_channels(args), steps=args.steps, n=n, stencil=kind,
+                     activation=args.activation,
                      stencil_scale=args.scale, input_blur=input_blur, dilation=dilation)
         t0 = time.perf_counter()
         hist = fit(net, d["train"], args.epochs, args.lr, 128, seed)
@@ -151,7 +157,8 @@ def speed_alternating(kinds: list[str], sizes: list[int], args, batches: int = 2
         nets, rate = {}, {k: [] for k in kinds}
         for k in kinds:
             torch.manual_seed(0)
-            net = ODENet(channels=args.channels, steps=args.steps, n=n, stencil=k, stencil_scale=args.scale)
+            net = ODENet(channels=_channels(args), steps=args.steps, n=n, stencil=k, stencil_scale=args.scale,
+                         activation=args.activation)
             nets[k] = (net, TorchStep(net, torch.optim.Adam(net.parameters(), 1e-3)))
         x, y = torch.randn(128, 1, n, n), torch.randint(0, 10, (128,))
         for _ in range(args.speed_repeats):
@@ -176,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--train-count", type=int, default=50_000)
-    ap.add_argument("--channels", type=int, default=16)
+    ap.add_argument("--channels", type=int, nargs="+", default=[16], help="channels per unit")
+    ap.add_argument("--activation", default="tanh")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--scale", type=float, default=0.05, help="stencil_scale (image widths)")
     ap.add_argument("--lr", type=float, default=1e-2)
@@ -216,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows += new
     head = (f"MNIST, networks trained at one resolution and moved without retraining; "
             f"{len(data['train'])} training images, Adam lr {args.lr} cosine, {args.epochs} epochs, "
-            f"{args.channels} channels, {args.steps} steps, stencil_scale {args.scale}; seeds "
+            f"{args.channels} channels, {args.steps} steps, {args.activation}, "
+            f"stencil_scale {args.scale}; seeds "
             f"{args.seeds}; {machine()}; {time.perf_counter() - t0:.0f} s.")
     md = "\n\n".join([head, "Test file:", table(rows, "test"), "Validation:", table(rows, "val"),
                       "Cost inside the training runs above (not alternated):", speed_table(rows),

@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stem", default=None, help="results file name (default: from data and transfer)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     stem = "multiscale_training_" + ("" if args.data == "mnist" else f"{args.data}{size}_")
     stem += "_".join(st if st != "free" else args.transfer for st in args.stencils)
     stem += "_prefilter" if 1 in args.prefilter else ""
-    publish(args.out, stem, "\n".join(md),
+    publish(args.out, args.stem or stem, "\n".join(md),
             {"args": vars(args), "rows": rows}, vars(args), metrics)
 
 
