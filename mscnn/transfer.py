@@ -195,8 +195,8 @@ def _level_operator(n: int, sigma: float, pair: str) -> torch.Tensor:
 def pyramid_step(x: torch.Tensor, sigma: float, pair: str = "full-weighting") -> torch.Tensor:
     """One pyramid level, ``(..., n, n) -> (..., n/2, n/2)``: ``restrict_image(gaussian_blur(x,
     sigma), pair)`` computed as ``M x M^T`` (``level_operator``, cached per grid; the matrix in
-    ``x``'s dtype) -- the one pyramid step the build, ``mscnn.data.coarsen`` and ``mscnn predict``
-    share.
+    ``x``'s dtype) -- the step ``mscnn.data.coarsen`` and ``mscnn predict`` share (the pyramid
+    build applies the same ``level_operator`` with numpy).
 
     >>> x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
     >>> torch.allclose(pyramid_step(x, 1.0), restrict_image(gaussian_blur(x, 1.0)))
