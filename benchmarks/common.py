@@ -25,6 +25,11 @@ def machine() -> str:
             f"torch {torch.__version__}, {torch.get_num_threads()} torch threads")
 
 
+def unit_channels(values: list[int]) -> int | tuple[int, ...]:
+    """``--channels``: one unit, or one unit per entry (connective restrictions between them)."""
+    return values[0] if len(values) == 1 else tuple(values)
+
+
 def mean_sd(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.2f} +- {sd:.2f}"

@@ -15,10 +15,10 @@ then every row on the test file (and val):
   fine->coarse: the fine network on prolonged coarse images);
 * moved networks: ``free`` with ``naive`` and ``galerkin`` (``to_resolution``); consistent kinds
   with ``to_resolution`` (re-discretised, nothing to choose); each coarse->fine move also with a
-  ``prefilter``: the fine input blurred like the pyramid before the moved network sees it;
-  ``free`` coarse->fine also ``dilate`` (``to_resolution(dilate=True)``: the stencils' taps kept at
-  their physical offsets), its prefilter the moved network's own input blur
-  (``to_resolution(prefilter=1)``, the pyramid's blur between the two grids);
+  ``prefilter``: the moved network's own input blur (``to_resolution(prefilter=1)``, the pyramid's
+  blur between the two grids: 1 px for 14 -> 28, 2.24 px for 7 -> 28); ``free`` coarse->fine also
+  ``dilate`` (``to_resolution(dilate=True)``: the stencils' taps kept at their physical offsets),
+  with and without the same prefilter;
 * ``--fine-blur``: one more fine network per kind, trained on its own grid with the coarse
   bandwidth built in (``ODENetConfig.input_blur`` = the pyramid's blur between the grids), moved
   down with ``prefilter=1`` (the blur taken off): rows ``<method> (fine net: coarse bandwidth)``;
@@ -36,18 +36,13 @@ import statistics
 import time
 
 import torch
-from common import ROOT, machine, metrics_of, publish
+from common import ROOT, machine, metrics_of, publish, unit_channels
 
 from mscnn.data import Split, coarsen, mnist_splits
 from mscnn.hierarchy import pyramid_blur, to_resolution
 from mscnn.ode import ODENet
 from mscnn.train import accuracy, fit
-from mscnn.transfer import gaussian_blur, prolong_image
-
-
-def _channels(args) -> int | tuple[int, ...]:
-    """``--channels``: one unit, or one unit per entry (connective restrictions between them)."""
-    return args.channels[0] if len(args.channels) == 1 else tuple(args.channels)
+from mscnn.transfer import prolong_image
 
 
 def _prolong(d: Split, levels: int) -> Split:
@@ -55,11 +50,6 @@ def _prolong(d: Split, levels: int) -> Split:
     for _ in range(levels):
         x = prolong_image(x)
     return Split(x, d.y)
-
-
-def _prefilter(d: Split, levels: int) -> Split:
-    """The fine input blurred as the pyramid blurs before restricting (sigma 1 pixel per level)."""
-    return Split(gaussian_blur(d.x, float(levels) ** 0.5), d.y)
 
 
 def run_pair(kind: str, n_c: int, n_f: int, data: dict, args, seed: int) -> list[dict]:
@@ -74,7 +64,7 @@ def run_pair(kind: str, n_c: int, n_f: int, data: dict, args, seed: int) -> list
         nets_to_train.append((n_f, fine, pyramid_blur(n_c, n_f, 1.0), 2**levels))
     for n, d, input_blur, dilation in nets_to_train:
         torch.manual_seed(seed)
-        net = ODENet(channels=_channels(args), steps=args.steps, n=n, stencil=kind,
+        net = ODENet(channels=unit_channels(args.channels), steps=args.steps, n=n, stencil=kind,
                      activation=args.activation,
                      stencil_scale=args.scale, input_blur=input_blur, dilation=dilation)
         t0 = time.perf_counter()
@@ -98,9 +88,10 @@ def run_pair(kind: str, n_c: int, n_f: int, data: dict, args, seed: int) -> list
         row("fine", "native (fine net: coarse bandwidth)", nets[f"{n_f} blurred"], lambda e: fine[e])
     moves = [("naive", True), ("galerkin", False)] if kind == "free" else [("consistent", False)]
     for method, naive in moves:
-        up = to_resolution(nets[n_c], n_f, naive=naive)
-        row("coarse->fine", method, up, lambda e: fine[e])
-        row("coarse->fine", method + " + prefilter", up, lambda e: _prefilter(fine[e], levels))
+        row("coarse->fine", method, to_resolution(nets[n_c], n_f, naive=naive), lambda e: fine[e])
+        # the moved network's own input blur: the same prefilter as the dilate row's
+        row("coarse->fine", method + " + prefilter",
+            to_resolution(nets[n_c], n_f, naive=naive, prefilter=1.0), lambda e: fine[e])
         row("fine->coarse", method, to_resolution(nets[n_f], n_c, naive=naive), lambda e: coarse[e])
         if args.fine_blur:
             bl = nets[f"{n_f} blurred"]
@@ -157,7 +148,8 @@ def speed_alternating(kinds: list[str], sizes: list[int], args, batches: int = 2
         nets, rate = {}, {k: [] for k in kinds}
         for k in kinds:
             torch.manual_seed(0)
-            net = ODENet(channels=_channels(args), steps=args.steps, n=n, stencil=k, stencil_scale=args.scale,
+            net = ODENet(channels=unit_channels(args.channels), steps=args.steps, n=n, stencil=k,
+                         stencil_scale=args.scale,
                          activation=args.activation)
             nets[k] = (net, TorchStep(net, torch.optim.Adam(net.parameters(), 1e-3)))
         x, y = torch.randn(128, 1, n, n), torch.randint(0, 10, (128,))

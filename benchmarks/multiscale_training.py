@@ -31,7 +31,7 @@ import statistics
 import time
 
 import torch
-from common import ROOT, machine, publish
+from common import ROOT, machine, publish, unit_channels
 
 from mscnn.data import (
     Split,
@@ -53,14 +53,15 @@ def run(name: str, plan: list[tuple[int, int]], data: dict, args, stencil: str =
     fine_n = max(data)
     for n, epochs in plan:
         if net is None:
-            channels = args.channels[0] if len(args.channels) == 1 else tuple(args.channels)
-            net = ODENet(n=n, channels=channels, steps=args.steps, stencil=stencil, T=args.T,
+            net = ODENet(n=n, channels=unit_channels(args.channels), steps=args.steps, stencil=stencil,
+                         T=args.T,
                          activation=args.activation,
                          in_channels=data[n][0].x.shape[1],
                          classes=int(max(s_.y.max() for s_ in data[n])) + 1)
         elif net.n != n:
             net = to_resolution(net, n, naive=args.transfer == "naive", lam=args.lam,
-                                prefilter=1.0 if prefilter else 0.0)
+                                prefilter=1.0 if prefilter else 0.0,
+                                dilate=args.transfer == "dilate" and stencil == "free")
             curve.append({"n": n, "epoch": -1, "seconds": t_train, "fine_equiv": compute,
                           "val_acc": accuracy(net, data[n][1]), "event": "transferred"})
         train, val = data[n]
@@ -107,7 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, nargs=3, default=[8, 4, 6],
                     metavar=("SINGLE", "COARSE", "FINE_AFTER"))
     ap.add_argument("--targets", type=float, nargs="+", default=[0.97, 0.98, 0.99])
-    ap.add_argument("--transfer", choices=["galerkin", "naive"], default="galerkin")
+    ap.add_argument("--transfer", choices=["galerkin", "naive", "dilate"], default="galerkin",
+                    help="how free stencils move to the finer grid (dilate: to_resolution(dilate=True),"
+                         " the fine network keeps the coarse taps' physical offsets)")
     ap.add_argument("--stencils", nargs="+", default=["free"],
                     help="ODENetConfig.stencil of the networks; each plan runs with each")
     ap.add_argument("--prefilter", type=int, nargs="+", choices=[0, 1], default=[0],
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
              for pf in (args.prefilter if int(k[0]) > 1 else [0])}
     from mscnn.ode import ODENetConfig
 
-    channels = args.channels[0] if len(args.channels) == 1 else tuple(args.channels)
+    channels = unit_channels(args.channels)
     for name, (_, plan, _) in plans.items():  # before any training: every level must hold the net
         for n, _ in plan:
             try:

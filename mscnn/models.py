@@ -58,13 +58,16 @@ def cost(cfg: NetConfig) -> float:
 
 
 def _ode_handover(model: nn.Module, target: ODENetConfig, naive: bool = False, lam: float = 0.0,
-                  galerkin=("opening", "units"), prefilter: float = 0.0) -> tuple[nn.Module, list[str]]:
+                  galerkin=("opening", "units"), prefilter: float = 0.0, dilate: bool = False
+                  ) -> tuple[nn.Module, list[str]]:
     from mscnn.hierarchy import to_depth, to_resolution
 
     done = []
     if model.config.n != target.n:
-        model = to_resolution(model, target.n, naive=naive, lam=lam, galerkin=galerkin, prefilter=prefilter)
+        model = to_resolution(model, target.n, naive=naive, lam=lam, galerkin=galerkin, prefilter=prefilter,
+                              dilate=dilate)
         opts = [", naive"] if naive else []
+        opts += [", dilate"] if dilate else []
         opts += [f", prefilter={prefilter:g}"] if prefilter else []
         opts += [f", lam={lam:g}"] if lam else []
         opts += [f", galerkin={list(galerkin)}"] if set(galerkin) != {"opening", "units"} else []
@@ -76,13 +79,15 @@ def _ode_handover(model: nn.Module, target: ODENetConfig, naive: bool = False, l
 
 
 def _resnet_handover(model: nn.Module, target: ResNetConfig, naive: bool = False, lam: float = 0.0,
-                     galerkin=None, prefilter: float = 0.0) -> tuple[nn.Module, list[str]]:
+                     galerkin=None, prefilter: float = 0.0, dilate: bool = False
+                     ) -> tuple[nn.Module, list[str]]:
     import math
 
     from mscnn.resnet import resnet_to_resolution
 
-    if prefilter:
-        raise ValueError("prefilter: an input blur of the ODE network (model.arch: odenet), not resnet34")
+    if prefilter or dilate:
+        raise ValueError(f"{'prefilter' if prefilter else 'dilate'}: an ODE-network handover "
+                         "(model.arch: odenet), not resnet34")
     if model.config.n == target.n:
         return model, []
     levels = round(math.log2(target.n / model.config.n))
@@ -99,5 +104,5 @@ HANDOVERS = {"odenet": _ode_handover, "resnet34": _resnet_handover}
 def handover(model: nn.Module, target: NetConfig, **options) -> tuple[nn.Module, list[str]]:
     """``model`` moved to the architecture ``target`` (resolution, depth), by the handover of its
     arch; returns the moved network and the transfers done, as text for the lineage. ``options``:
-    ``naive``, ``lam``, ``galerkin``, ``prefilter`` (see ``mscnn.hierarchy.to_resolution``)."""
+    ``naive``, ``lam``, ``galerkin``, ``prefilter``, ``dilate`` (see ``mscnn.hierarchy.to_resolution``)."""
     return HANDOVERS[arch_of(target)](model, target, **options)

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from mscnn.classifier import CLASSIFIERS
+from mscnn.fields import omit_later
 from mscnn.stencils import STENCILS, StencilConv, blur, layer_kind, stencil_conv, stencil_kind
 from mscnn.transfer import get_pair, restrict_image
 
@@ -152,9 +153,7 @@ class ODENetConfig:
         d = asdict(self)
         d["channels"] = self.unit_channels if not isinstance(self.channels, int) else self.channels
         d["steps"] = list(self.steps) if not isinstance(self.steps, int) else self.steps
-        if d["dilation"] == 1:  # added later: files of networks that do not use it stay as they were
-            del d["dilation"]
-        return d
+        return omit_later(d, {"dilation": 1})  # model.json of networks without it stays as it was
 
     @classmethod
     def from_dict(cls, d: dict) -> ODENetConfig:

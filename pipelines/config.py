@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from mscnn.fields import omit_later
 from mscnn.models import ARCHS, NetConfig
 from pipelines.pyramid import PyramidConfig
 
@@ -172,6 +173,10 @@ class LevelConfig(_Strict):
     # the network moved into this level blurs its input as the pyramid blurred the previous
     # level's images (ODENetConfig.input_blur; to_resolution(prefilter=pyramid.sigma))
     prefilter: bool = False
+    # to_resolution(dilate=True): free stencils keep their weights and their physical tap offsets
+    # (model.dilation times the grid ratio from here on); the moved network computes what the
+    # previous one did on each sub-grid. Combine with prefilter; not with naive or a consistent kind
+    dilate: bool = False
     estimator: EstimatorConfig | None = None  # None: the plain gradient of each batch
 
     @model_validator(mode="after")
@@ -191,6 +196,17 @@ class LevelConfig(_Strict):
         """The grids of the multilevel estimator, coarsest first (empty without one)."""
         e = self.estimator
         return [self.n >> k for k in reversed(range(e.levels))] if e else []
+
+
+def _dilated(dilation: int, n_prev: int, lv: LevelConfig) -> int:
+    """``model.dilation`` after the handover into ``lv`` (``to_resolution(dilate=True)``)."""
+    if not lv.dilate:
+        return dilation
+    taps = dilation * lv.n / n_prev
+    if taps < 1 or taps % 1:
+        raise ValueError(f"dilate: a network with dilation {dilation} moved from n={n_prev} to n={lv.n} "
+                         f"would space its taps {taps:g} pixels apart (must be a whole number >= 1)")
+    return round(taps)
 
 
 class ScalingModel(_Strict):
@@ -249,6 +265,12 @@ class ScheduleConfig(_Strict):
     def _check_levels(self) -> ScheduleConfig:
         sizes = [self.pyramid.source.image_size >> k for k in range(self.pyramid.levels)]
         for i, lv in enumerate(self.levels):  # checked here, before Ray starts
+            if lv.dilate and lv.naive:
+                raise ValueError(f"levels.{i}.dilate: choose dilate or naive (both keep the stencils' "
+                                 "weights; dilate also keeps their physical tap offsets)")
+            if lv.dilate and getattr(self.model, "stencil", "free") != "free":
+                raise ValueError(f"levels.{i}.dilate: moves free stencils; model.stencil "
+                                 f"{self.model.stencil!r} is re-discretised on each grid")
             try:
                 self.model_config_for(i)
             except ValueError as e:
@@ -263,6 +285,9 @@ class ScheduleConfig(_Strict):
                 if lv.prefilter:
                     raise ValueError(f"levels.{i}.prefilter: an input blur of the ODE network "
                                      "(model.arch: odenet), not resnet34")
+                if lv.dilate:
+                    raise ValueError(f"levels.{i}.dilate: dilated stencils are an ODE-network "
+                                     "handover (model.arch: odenet), not resnet34")
                 if set(lv.galerkin) != {"opening", "units"}:
                     raise ValueError(f"levels.{i}.galerkin: layer groups are ODE-network parts; "
                                      "a resnet34 moves all its 3x3 convolutions (or none: naive)")
@@ -275,20 +300,24 @@ class ScheduleConfig(_Strict):
         kind = ARCHS[m.pop("arch")][0]
         per_level = {"n": lv.n} | ({"steps": lv.steps} if "steps" in kind.__dataclass_fields__ else {})
         if "input_blur" in m:  # what the prefiltered handovers since the last fresh start added
-            m["input_blur"] = self._input_blur(i, m["input_blur"])
+            m["input_blur"] = self._since_fresh(i, m["input_blur"], self._prefiltered)
+        if "dilation" in m:  # and what the dilating ones did to the taps' offsets
+            m["dilation"] = self._since_fresh(i, m["dilation"], _dilated)
         return kind(**m, **per_level)
 
-    def _input_blur(self, i: int, base: float) -> float:
+    def _since_fresh(self, i: int, base, move):
+        """A handover-carried model field at level ``i``: ``base`` at every fresh start (level 0,
+        ``init: random``, ``random_init``), then ``move(value, previous n, level)`` per handover."""
+        value = base
+        for j, lv in enumerate(self.levels[: i + 1]):
+            fresh = j == 0 or lv.init == "random" or self.random_init
+            value = base if fresh else move(value, self.levels[j - 1].n, lv)
+        return value
+
+    def _prefiltered(self, blur: float, n_prev: int, lv: LevelConfig) -> float:
         from mscnn.hierarchy import prefiltered_blur
 
-        blur = base
-        for j in range(i + 1):
-            lv = self.levels[j]
-            if j == 0 or lv.init == "random" or self.random_init:
-                blur = base
-            elif lv.prefilter:
-                blur = prefiltered_blur(blur, self.levels[j - 1].n, lv.n, self.pyramid.sigma)
-        return blur
+        return prefiltered_blur(blur, n_prev, lv.n, self.pyramid.sigma) if lv.prefilter else blur
 
     def config_hash(self) -> str:
         import hashlib
@@ -298,13 +327,9 @@ class ScheduleConfig(_Strict):
         # read from: the build refuses another content under the same name)
         d = self.model_dump(exclude={"storage_path", "experiment", "scaling", "register_model"})
         # fields added later leave the hash of a schedule that does not use them unchanged
-        if not d["model"].get("input_blur", 1):
-            del d["model"]["input_blur"]
-        if d["model"].get("dilation") == 1:
-            del d["model"]["dilation"]
+        omit_later(d["model"], {"input_blur": 0.0, "dilation": 1})
         for lv in d["levels"]:
-            if not lv["prefilter"]:
-                del lv["prefilter"]
+            omit_later(lv, {"prefilter": False, "dilate": False})
         d["pyramid"] = {**self.pyramid.identity(), "name": self.pyramid.name}
         blob = json.dumps(d, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -34,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mscnn import data as mdata
+from mscnn.fields import omit_later
 from mscnn.transfer import get_pair, level_operator
 from pipelines.pyramid_write import apply_level, write_levels
 from pipelines.runtime import exclusive, require_ray
@@ -129,9 +130,7 @@ class PyramidConfig(BaseModel):
         source was read from (the source's content enters through its checksums)."""
         d = self.model_dump(exclude={"name"})
         d["source"]["path"] = None  # as if found through MSCNN_DATA_DIR: those hashes stay as they were
-        for later in ("idx", "class_names", "pad"):  # fields added later count only when set
-            if not d["source"][later]:
-                del d["source"][later]
+        omit_later(d["source"], {"idx": None, "class_names": None, "pad": 0})
         return d
 
     def config_hash(self, checksums: dict[str, str]) -> str:

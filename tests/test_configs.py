@@ -66,3 +66,43 @@ def test_a_prefiltered_level_declares_the_input_blur_its_handover_gives():
     assert blurs[0] == 0.0 and blurs[1] == pytest.approx(2 / 8)
     assert blurs[2] == pytest.approx((4 / 64 + 4 / 256) ** 0.5)  # 2 px at 8, then 2 px at 16
     assert blurs[3] == pytest.approx(2 / 8) and blurs[4] == 0.0  # taken off going down; fresh start
+
+
+def test_a_dilating_level_declares_its_dilation_and_hands_over_the_sub_grid_network():
+    """``levels[].dilate``: the level's network config carries the dilation its handovers give
+    (times the grid ratio, back to the base at a fresh start), the handover is
+    ``to_resolution(dilate=True)`` (same weights, taps 2 pixels apart), and the choices that
+    cannot go with it are refused by field."""
+    import torch
+
+    from mscnn.hierarchy import to_resolution
+    from mscnn.ode import ODENet
+    from pipelines.schedule import _transfer
+
+    base = {"name": "d", "kind": "multiscale", "model": {"channels": 3, "classes": 4},
+            "pyramid": {"name": "syn", "source": {"kind": "synthetic", "size": 16}, "levels": 3}}
+    cfg = ScheduleConfig.model_validate(base | {"levels": [
+        {"n": 4}, {"n": 8, "dilate": True}, {"n": 16, "dilate": True, "prefilter": True},
+        {"n": 8, "dilate": True}, {"n": 16}, {"n": 16, "init": "random"}]})
+    assert [cfg.model_config_for(i).dilation for i in range(6)] == [1, 2, 4, 2, 2, 1]
+    torch.manual_seed(0)
+    coarse = ODENet(cfg.model_config_for(1).replace(n=8, dilation=1))
+    moved, done = _transfer(coarse, cfg, 2)
+    want = to_resolution(coarse, 16, prefilter=cfg.pyramid.sigma, dilate=True)
+    assert done == ["to_resolution(16, dilate, prefilter=1)"]
+    assert moved.config == want.config == cfg.model_config_for(2).replace(dilation=2)
+    assert torch.equal(moved.units[0].K, coarse.units[0].K)
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.allclose(moved(x), want(x), atol=0, rtol=0)
+    # a hash that only a schedule using it sees
+    plain = ScheduleConfig.model_validate(base | {"levels": [{"n": 8}, {"n": 16}]})
+    dil = ScheduleConfig.model_validate(base | {"levels": [{"n": 8}, {"n": 16, "dilate": True}]})
+    assert plain.config_hash() != dil.config_hash()
+    assert "dilate" not in str(plain.model_dump(exclude={"levels"}))
+    with pytest.raises(ValueError, match=r"levels\.1\.dilate: choose dilate or naive"):
+        ScheduleConfig.model_validate(base | {"levels": [{"n": 8}, {"n": 16, "dilate": True, "naive": True}]})
+    with pytest.raises(ValueError, match=r"dilation 1 moved from n=16 to n=8 would space its taps 0\.5"):
+        ScheduleConfig.model_validate(base | {"levels": [{"n": 16}, {"n": 8, "dilate": True}]})
+    with pytest.raises(ValueError, match=r"levels\.1\.dilate: moves free stencils; model\.stencil 'gauss"):
+        ScheduleConfig.model_validate(base | {"model": {"channels": 3, "classes": 4, "stencil": "gaussian"},
+                                              "levels": [{"n": 8}, {"n": 16, "dilate": True}]})
