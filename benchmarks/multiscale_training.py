@@ -22,11 +22,17 @@ order (A B A B ...), and the table gives the median time to each target with its
 spread, so the ratios are fair on a noisy machine. ``--prefilter 0 1``: each multilevel plan also
 with the prefiltered handover (``to_resolution(prefilter=1)``: the moved network blurs its input as
 the pyramid blurred the coarse images, ``ODENetConfig.input_blur``, and keeps doing so).
+``--transfer dilate``: free stencils keep their taps' physical offsets (``to_resolution(dilate=True)``).
+``--dilation 2``: networks started at the fine grid get the coarse footprint (taps 2 pixels apart,
+the pyramid's blur as input blur), the network the dilating handover gives. ``--mge 96 32``: one
+more plan, the single level trained by multilevel gradient estimation (``mscnn.mge``; 96 images at
+the coarse grid, 32 at both grids per batch; compute counts its pixels).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 
@@ -41,23 +47,27 @@ from mscnn.data import (
     mnist_splits,
     stratified_limit,
 )
-from mscnn.hierarchy import to_resolution
+from mscnn.hierarchy import pyramid_blur, to_resolution
+from mscnn.mge import mge_pixels
 from mscnn.ode import ODENet
-from mscnn.train import accuracy, fit
+from mscnn.train import accuracy, fit, make_step
 
 
 def run(name: str, plan: list[tuple[int, int]], data: dict, args, stencil: str = "free",
-        prefilter: bool = False) -> dict:
+        prefilter: bool = False, mge: list[int] | None = None) -> dict:
     torch.manual_seed(args.seed)
     net, t_train, compute, curve = None, 0.0, 0.0, []
     fine_n = max(data)
     for n, epochs in plan:
         if net is None:
+            # --dilation: a network at the fine grid gets the coarse footprint (taps `dilation`
+            # pixels apart, the pyramid's blur between the grids); coarser starts get what the
+            # dilating handover would leave them
+            dil = max(1, args.dilation * n // fine_n)
             net = ODENet(n=n, channels=unit_channels(args.channels), steps=args.steps, stencil=stencil,
-                         T=args.T,
-                         activation=args.activation,
-                         in_channels=data[n][0].x.shape[1],
-                         classes=int(max(s_.y.max() for s_ in data[n])) + 1)
+                         T=args.T, activation=args.activation, in_channels=data[n][0].x.shape[1],
+                         classes=int(max(s_.y.max() for s_ in data[n])) + 1, dilation=dil,
+                         input_blur=pyramid_blur(n // dil, n) if dil > 1 else 0.0)
         elif net.n != n:
             net = to_resolution(net, n, naive=args.transfer == "naive", lam=args.lam,
                                 prefilter=1.0 if prefilter else 0.0,
@@ -65,17 +75,25 @@ def run(name: str, plan: list[tuple[int, int]], data: dict, args, stencil: str =
             curve.append({"n": n, "epoch": -1, "seconds": t_train, "fine_equiv": compute,
                           "val_acc": accuracy(net, data[n][1]), "event": "transferred"})
         train, val = data[n]
+        sizes = [n >> k for k in reversed(range(len(mge or [])))]
+        share = mge_pixels(sizes, mge) / (sum(mge) * n**2) if mge else 1.0  # an MGE batch's pixels
 
-        def on_epoch(e, rec, n=n, val=val, net=net):
+        def on_epoch(e, rec, n=n, val=val, net=net, share=share):
             nonlocal t_train, compute
             t_train += rec["seconds"]
-            compute += (n / fine_n) ** 2
+            compute += share * (n / fine_n) ** 2
             curve.append({"n": n, "epoch": e, "seconds": t_train, "fine_equiv": compute,
                           "val_acc": accuracy(net, val)})
             print(f"  {name}: n={n} epoch {e} val {100 * curve[-1]['val_acc']:.2f}% "
                   f"({t_train:.0f} s, {compute:.2f} fine epochs)", flush=True)
 
-        fit(net, train, epochs, args.lr, args.batch_size, args.seed, on_epoch=on_epoch)
+        step = None
+        if mge:  # multilevel gradient estimation at this grid (mscnn.mge), free stencils moved by `move`
+            move = ("dilate" if net.config.dilation > 1
+                    else "naive" if args.transfer == "naive" else "galerkin")
+            step = make_step(net, "adam", args.lr, True, epochs * -(-len(train) // args.batch_size),
+                             mge={"sizes": sizes, "batch_sizes": mge, "move": move})
+        fit(net, train, epochs, args.lr, args.batch_size, args.seed, on_epoch=on_epoch, step=step)
     fine = [c for c in curve if c["n"] == fine_n]
     out = {"name": name, "plan": plan, "curve": curve, "final": fine[-1]["val_acc"],
            "best": max(c["val_acc"] for c in fine), "seconds": t_train, "fine_equiv": compute}
@@ -118,6 +136,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=1, help="alternating repeats of the plans")
     ap.add_argument("--plans", type=int, nargs="+", default=[1, 2, 3], help="level counts to run")
     ap.add_argument("--lam", type=float, default=0.0)
+    ap.add_argument("--dilation", type=int, default=1,
+                    help="free stencils at the fine grid with taps this many pixels apart (the coarse "
+                         "footprint, with the pyramid's blur); plans starting coarser get 1")
+    ap.add_argument("--mge", type=int, nargs="+", default=None, metavar="BATCH",
+                    help="also a single-level plan whose steps are multilevel gradient estimates: "
+                         "images per grid, coarsest first (they add up to --batch-size); free "
+                         "stencils moved by dilate when --dilation > 1, else by --transfer")
     ap.add_argument("--channels", type=int, nargs="+", default=[16],
                     help="one per unit (several: units joined by connective restriction)")
     ap.add_argument("--steps", type=int, default=2, help="Euler steps per unit")
@@ -159,13 +184,16 @@ def main(argv: list[str] | None = None) -> None:
     plans = {f"1 level ({f})": [(f, single)],
              f"2 levels ({h}, {f})": [(h, coarse), (f, after)],
              f"3 levels ({q}, {h}, {f})": [(q, coarse), (h, coarse), (f, after)]}
-    plans = {f"{k}, {st}{', prefilter' if pf else ''}": (st, v, pf) for st in args.stencils
+    plans = {f"{k}, {st}{', prefilter' if pf else ''}": (st, v, pf, None) for st in args.stencils
              for k, v in plans.items() if int(k[0]) in args.plans
              for pf in (args.prefilter if int(k[0]) > 1 else [0])}
+    if args.mge:  # one more plan per stencil kind: the single level's steps by MGE
+        plans |= {f"1 level ({f}), {st}, mge {'/'.join(map(str, args.mge))}": (st, [(f, single)], 0, args.mge)
+                  for st in args.stencils}
     from mscnn.ode import ODENetConfig
 
     channels = unit_channels(args.channels)
-    for name, (_, plan, _) in plans.items():  # before any training: every level must hold the net
+    for name, (_, plan, _, _) in plans.items():  # before any training: every level must hold the net
         for n, _ in plan:
             try:
                 ODENetConfig(n=n, channels=channels, steps=args.steps)
@@ -174,8 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     runs = {name: [] for name in plans}
     for _ in range(args.repeats):  # A B A B ...: machine noise hits every plan alike
-        for name, (stencil, plan, pf) in plans.items():
-            runs[name].append(run(name, plan, data, args, stencil, bool(pf)))
+        for name, (stencil, plan, pf, mge) in plans.items():
+            runs[name].append(run(name, plan, data, args, stencil, bool(pf), mge))
     rows = [_median_row(rs, args.targets) for rs in runs.values()]
     head = (f"{args.data} {size}x{size} ({len(d['train'].y)} training images), ODENet channels "
             f"{args.channels} {args.steps} steps per unit T {args.T:g} {args.activation}, batch "
@@ -196,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {}
     for r in rows:
         key = r["name"].split(" (")[0].replace(" ", "_") + "." + r["name"].split(", ")[-1]
+        key = re.sub(r"[^A-Za-z0-9_.\- /:]", "", key)  # MLflow's metric names
         metrics[f"{key}.final_val_acc"] = r["final"]
         metrics[f"{key}.train_seconds"] = r["seconds"]
         for t in args.targets:

@@ -7,8 +7,11 @@ each term on its own independent samples: ``g_0`` on the coarsest images (cheap:
 each correction ``g_l - g_{l-1}`` on the *same* samples at grid ``l`` and at grid ``l - 1`` (few
 samples where the levels agree, i.e. where the variance ratio ``rho_l = Var[g_l - g_{l-1}] /
 Var[g_l]`` is small). One set of parameters lives at the finest grid (``model.n``); every level
-runs it through ``mscnn.multires.MultiResolutionForward`` (``resolution_state``: naive, Galerkin
-or a scale-consistent stencil kind re-discretised). Coarse images are made inside the step the
+runs it through ``mscnn.multires.MultiResolutionForward`` (``resolution_state``: free stencils
+naive, Galerkin or dilated -- ``move`` -- or a scale-consistent stencil kind re-discretised).
+``move="dilate"`` needs a fine network whose taps are ``2**(levels-1)`` pixels apart
+(``ODENetConfig.dilation``): each coarser level then runs the same weights with the taps one grid
+closer, the sub-grid network of ``to_resolution(dilate=True)``. Coarse images are made inside the step the
 way the pyramid makes them (``mscnn.data.coarsen``: blur 1 pixel, restrict).
 
 ``MultilevelStep`` is one more ``mscnn.train.Step``: it takes a fine batch, splits it into the
@@ -29,7 +32,17 @@ from mscnn.ode import ODENet
 from mscnn.train import TorchStep
 from mscnn.transfer import gaussian_blur, restrict_image
 
-__all__ = ["MultilevelStep", "mge_loss", "mge_pixels", "variance_ratio"]
+__all__ = ["MOVES", "MultilevelStep", "mge_loss", "mge_pixels", "variance_ratio"]
+
+
+MOVES = ("galerkin", "naive", "dilate")
+
+
+def _move(move: str) -> dict:
+    """``MultiResolutionForward``'s options for a free-stencil ``move`` (consistent kinds ignore it)."""
+    if move not in MOVES:
+        raise ValueError(f"mge: unknown move {move!r}; valid: {list(MOVES)}")
+    return {"naive": move == "naive", "dilate": move == "dilate"}
 
 
 def _down(x: torch.Tensor, times: int, sigma: float, pair: str) -> torch.Tensor:
@@ -41,7 +54,7 @@ def _down(x: torch.Tensor, times: int, sigma: float, pair: str) -> torch.Tensor:
 
 def mge_pixels(sizes: list[int], batch_sizes: list[int]) -> int:
     """What one MGE batch costs in pixels: set 0 at ``sizes[0]``, set ``l`` at ``sizes[l]`` and at
-    ``sizes[l - 1]``.
+    ``sizes[l - 1]``. ``move``: how free stencils reach the coarser grids (``MOVES``).
 
     >>> mge_pixels([4, 8], [24, 8])
     1024
@@ -79,7 +92,7 @@ class MultilevelStep:
     ``batch_sizes``: samples per level (coarsest first; their sum at most the batch)."""
 
     def __init__(self, model: ODENet, optimizer: torch.optim.Optimizer, sizes: list[int],
-                 batch_sizes: list[int], scheduler=None, naive: bool = False, lam: float = 0.0,
+                 batch_sizes: list[int], scheduler=None, move: str = "galerkin", lam: float = 0.0,
                  sigma: float = 1.0) -> None:
         if sizes[-1] != model.n:
             raise ValueError(f"MultilevelStep: the finest size {sizes[-1]} must be model.n={model.n}")
@@ -87,7 +100,7 @@ class MultilevelStep:
         self.sizes, self.batch_sizes, self.sigma = list(sizes), list(batch_sizes), sigma
         # the coarse samples are blurred and restricted as the pyramid's: a network carrying an
         # input blur (a prefiltered handover) loses it on those grids, as to_resolution does
-        self.forward = MultiResolutionForward(model, sizes, naive=naive, lam=lam, prefilter=sigma)
+        self.forward = MultiResolutionForward(model, sizes, lam=lam, prefilter=sigma, **_move(move))
         self.pixels = 0  # total cost so far
         # the optimiser step itself is mscnn.train's one TorchStep, on the telescoping loss
         self.step = TorchStep(model, optimizer, scheduler, objective=self._loss)
@@ -118,11 +131,11 @@ def _grad(model: ODENet, loss: torch.Tensor) -> torch.Tensor:
 
 
 def variance_ratio(model: ODENet, data: Split, fine: int, coarse: int, batch_size: int = 32,
-                   batches: int = 16, naive: bool = False, sigma: float = 1.0, seed: int = 0) -> float:
+                   batches: int = 16, move: str = "galerkin", sigma: float = 1.0, seed: int = 0) -> float:
     """``rho = E||(g_f - g_c) - mean||^2 / E||g_f - mean||^2`` over ``batches`` mini-batch
     gradients (``data`` at ``fine``; the same samples coarsened to ``coarse``): below about 1 the
     coarse gradient is a useful control variate, near 0 the levels agree."""
-    forward = MultiResolutionForward(model, [coarse, fine], naive=naive, prefilter=sigma)
+    forward = MultiResolutionForward(model, [coarse, fine], prefilter=sigma, **_move(move))
     g = torch.Generator().manual_seed(seed)
     gf, gd = [], []
     for _ in range(batches):

@@ -25,20 +25,24 @@ __all__ = ["LevelSampler", "MultiResolutionForward", "fit_multiresolution"]
 
 class MultiResolutionForward:
     """``forward(x)`` for images of any resolution of the pyramid: ``model``'s parameters moved to
-    ``x``'s ``n`` by ``resolution_state`` (differentiable) and run through ``functional_call``."""
+    ``x``'s ``n`` by ``resolution_state`` (differentiable; ``naive``, ``lam``, ``galerkin``,
+    ``prefilter``, ``dilate`` as in ``to_resolution``) and run through ``functional_call``."""
 
     def __init__(self, model: ODENet, sizes, naive: bool = False, lam: float = 0.0,
-                 galerkin: tuple[str, ...] | list[str] = LAYER_GROUPS, prefilter: float = 0.0) -> None:
+                 galerkin: tuple[str, ...] | list[str] = LAYER_GROUPS, prefilter: float = 0.0,
+                 dilate: bool = False) -> None:
         self.model, self.naive, self.lam, self.galerkin = model, naive, lam, tuple(galerkin)
         self.prefilter = prefilter  # to_resolution's: a model's input blur follows the pyramid's
+        self.dilate = dilate  # to_resolution's: free stencils keep their taps' physical offsets
         # one template per resolution (its own parameters are never used: functional_call replaces them)
-        self.templates = {n: ODENet(resolution_state(model, n, naive=True, prefilter=prefilter)[0])
+        self.templates = {n: ODENet(resolution_state(model, n, naive=True, prefilter=prefilter,
+                                                     dilate=dilate)[0])
                           for n in sizes}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[-1]
         _, state = resolution_state(self.model, n, naive=self.naive, lam=self.lam,
-                                    galerkin=self.galerkin, prefilter=self.prefilter)
+                                    galerkin=self.galerkin, prefilter=self.prefilter, dilate=self.dilate)
         return functional_call(self.templates[n], state, (x,))
 
 

@@ -130,7 +130,8 @@ def make_step(model: nn.Module, name: str = "adam", lr: float = 1e-3, cosine: bo
     if mge:
         from mscnn.mge import MultilevelStep
 
-        return MultilevelStep(model, opt, mge["sizes"], mge["batch_sizes"], sched)
+        return MultilevelStep(model, opt, mge["sizes"], mge["batch_sizes"], sched,
+                              move=mge.get("move", "galerkin"))
     return TorchStep(model, opt, sched, regularizer, forward)
 
 

@@ -154,6 +154,9 @@ class EstimatorConfig(_Strict):
     name: Literal["mge"] = "mge"
     levels: int = Field(2, ge=2)
     batch_sizes: list[int] = Field(min_length=2)
+    # how free stencils reach the coarser grids (mscnn.mge.MOVES); dilate needs model.dilation of
+    # the level's network >= 2**(levels-1) (e.g. after a dilating handover)
+    move: Literal["galerkin", "naive", "dilate"] = "galerkin"
 
 
 class LevelConfig(_Strict):
@@ -272,9 +275,14 @@ class ScheduleConfig(_Strict):
                 raise ValueError(f"levels.{i}.dilate: moves free stencils; model.stencil "
                                  f"{self.model.stencil!r} is re-discretised on each grid")
             try:
-                self.model_config_for(i)
+                net = self.model_config_for(i)
             except ValueError as e:
                 raise ValueError(f"levels.{i}: {e}") from None
+            e = lv.estimator
+            if e and e.move == "dilate" and getattr(net, "dilation", 1) < 2 ** (e.levels - 1):
+                raise ValueError(f"levels.{i}.estimator.move: dilate needs the level's network to space "
+                                 f"its taps >= {2 ** (e.levels - 1)} pixels apart (model.dilation "
+                                 f"{getattr(net, 'dilation', 1)}; a dilating handover gives it)")
             if lv.n not in sizes:
                 raise ValueError(f"levels.{i}.n: n={lv.n} is not a level of pyramid "
                                  f"{self.pyramid.name} (has n in {sizes})")
@@ -330,6 +338,7 @@ class ScheduleConfig(_Strict):
         omit_later(d["model"], {"input_blur": 0.0, "dilation": 1})
         for lv in d["levels"]:
             omit_later(lv, {"prefilter": False, "dilate": False})
+            omit_later(lv["estimator"] or {}, {"move": "galerkin"})
         d["pyramid"] = {**self.pyramid.identity(), "name": self.pyramid.name}
         blob = json.dumps(d, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -106,3 +106,21 @@ def test_a_dilating_level_declares_its_dilation_and_hands_over_the_sub_grid_netw
     with pytest.raises(ValueError, match=r"levels\.1\.dilate: moves free stencils; model\.stencil 'gauss"):
         ScheduleConfig.model_validate(base | {"model": {"channels": 3, "classes": 4, "stencil": "gaussian"},
                                               "levels": [{"n": 8}, {"n": 16, "dilate": True}]})
+
+
+def test_a_dilated_estimator_needs_a_network_whose_taps_reach_the_coarsest_grid():
+    base = {"name": "e", "kind": "multiscale", "model": {"channels": 3, "classes": 4},
+            "pyramid": {"name": "syn", "source": {"kind": "synthetic", "size": 16}, "levels": 3}}
+    mge = {"name": "mge", "levels": 2, "batch_sizes": [96, 32], "move": "dilate"}
+    ok = ScheduleConfig.model_validate(base | {"levels": [{"n": 8},
+                                                          {"n": 16, "dilate": True, "estimator": mge}]})
+    assert ok.levels[1].estimator.move == "dilate" and ok.model_config_for(1).dilation == 2
+    with pytest.raises(ValueError, match=r"levels\.1\.estimator\.move: dilate needs [\s\S]*>= 4 pixels"):
+        three = mge | {"levels": 3, "batch_sizes": [64, 32, 32]}
+        ScheduleConfig.model_validate(base | {"levels": [{"n": 8},
+                                                         {"n": 16, "dilate": True, "estimator": three}]})
+    plain = {"levels": [{"n": 8}, {"n": 16, "estimator": mge | {"move": "galerkin"}}]}
+    explicit = ScheduleConfig.model_validate(base | plain)
+    implicit = ScheduleConfig.model_validate(base | {"levels": [{"n": 8}, {"n": 16, "estimator": {
+        "name": "mge", "levels": 2, "batch_sizes": [96, 32]}}]})
+    assert explicit.config_hash() == implicit.config_hash()  # the default move leaves hashes as they were
