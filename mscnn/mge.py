@@ -11,8 +11,8 @@ runs it through ``mscnn.multires.MultiResolutionForward`` (``resolution_state``:
 naive, Galerkin or dilated -- ``move`` -- or a scale-consistent stencil kind re-discretised).
 ``move="dilate"`` needs a fine network whose taps are ``2**(levels-1)`` pixels apart
 (``ODENetConfig.dilation``): each coarser level then runs the same weights with the taps one grid
-closer, the sub-grid network of ``to_resolution(dilate=True)``. Coarse images are made inside the step the
-way the pyramid makes them (``mscnn.data.coarsen``: blur 1 pixel, restrict).
+closer, the sub-grid network of ``to_resolution(dilate=True)``. Coarse images are made inside the
+step the way the pyramid makes them (``mscnn.data.coarsen``: blur 1 pixel, restrict).
 
 ``MultilevelStep`` is one more ``mscnn.train.Step``: it takes a fine batch, splits it into the
 per-level sample sets (``batch_sizes``, coarsest first), forms the telescoping loss and takes one
@@ -54,7 +54,7 @@ def _down(x: torch.Tensor, times: int, sigma: float, pair: str) -> torch.Tensor:
 
 def mge_pixels(sizes: list[int], batch_sizes: list[int]) -> int:
     """What one MGE batch costs in pixels: set 0 at ``sizes[0]``, set ``l`` at ``sizes[l]`` and at
-    ``sizes[l - 1]``. ``move``: how free stencils reach the coarser grids (``MOVES``).
+    ``sizes[l - 1]``.
 
     >>> mge_pixels([4, 8], [24, 8])
     1024
@@ -89,7 +89,8 @@ def mge_loss(forward: MultiResolutionForward, x: torch.Tensor, y: torch.Tensor, 
 class MultilevelStep:
     """``step(x, y)``: one optimiser step on the MGE gradient of the fine batch ``(x, y)`` (see the
     module docstring). ``sizes``: the grids, coarsest first, the last one ``model.n``;
-    ``batch_sizes``: samples per level (coarsest first; their sum at most the batch)."""
+    ``batch_sizes``: samples per level (coarsest first; their sum at most the batch); ``move``: how
+    free stencils reach the coarser grids (``MOVES``; ``dilate`` for a dilated network)."""
 
     def __init__(self, model: ODENet, optimizer: torch.optim.Optimizer, sizes: list[int],
                  batch_sizes: list[int], scheduler=None, move: str = "galerkin", lam: float = 0.0,
