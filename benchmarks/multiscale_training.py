@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.channels} {args.steps} steps per unit T {args.T:g} {args.activation}, batch "
             f"{args.batch_size}, stencils {args.stencils}, Adam lr {args.lr} cosine per level, "
             f"transfer: free {args.transfer}"
+            f"{f', fine networks dilation {args.dilation}' if args.dilation > 1 else ''}"
+            f"{f', MGE plan batch sizes {args.mge}' if args.mge else ''}"
             f"{f' lam={args.lam:g}' if args.lam else ''}, consistent kinds re-discretised, "
             f"seed {args.seed}, {args.repeats} alternating repeat(s) (times: median [min-max]); "
             f"{machine()}; {time.perf_counter() - t0:.0f} s.")
