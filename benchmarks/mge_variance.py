@@ -58,11 +58,12 @@ def main(argv: list[str] | None = None) -> None:
                 fit(net, train, args.epochs, 1e-2, 128, 0)
             moves = (["dilate"] if dilated else ["naive", "galerkin"] if kind == "free" else ["consistent"])
             for move in moves:
-                r28 = variance_ratio(net, train, 28, 14, args.batch, args.batches, move=move)
+                how = "galerkin" if move == "consistent" else move  # consistent kinds ignore the move
+                r28 = variance_ratio(net, train, 28, 14, args.batch, args.batches, move=how)
                 r14 = None  # a dilation-2 network at 14x14 has its taps 1 pixel apart: no grid below
                 if not dilated:
                     r14 = variance_ratio(to_resolution(net, 14, naive=move == "naive"), at14, 14, 7,
-                                         args.batch, args.batches, move=move)
+                                         args.batch, args.batches, move=how)
                 rows.append({"kind": kind, "move": move, "when": when, "rho_28_14": r28, "rho_14_7": r14})
                 print(f"{kind} {move} {when}: rho(28,14) {r28:.3f}, rho(14,7) {r14}", flush=True)
     md = [f"MNIST, ODENet 16 channels 2 steps; rho from {args.batches} batches of {args.batch}; "

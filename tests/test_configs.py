@@ -98,7 +98,6 @@ def test_a_dilating_level_declares_its_dilation_and_hands_over_the_sub_grid_netw
     plain = ScheduleConfig.model_validate(base | {"levels": [{"n": 8}, {"n": 16}]})
     dil = ScheduleConfig.model_validate(base | {"levels": [{"n": 8}, {"n": 16, "dilate": True}]})
     assert plain.config_hash() != dil.config_hash()
-    assert "dilate" not in str(plain.model_dump(exclude={"levels"}))
     with pytest.raises(ValueError, match=r"levels\.1\.dilate: choose dilate or naive"):
         ScheduleConfig.model_validate(base | {"levels": [{"n": 8}, {"n": 16, "dilate": True, "naive": True}]})
     with pytest.raises(ValueError, match=r"dilation 1 moved from n=16 to n=8 would space its taps 0\.5"):
