@@ -66,7 +66,8 @@ def run_pair(kind: str, n_c: int, n_f: int, data: dict, args, seed: int) -> list
         torch.manual_seed(seed)
         net = ODENet(channels=unit_channels(args.channels), steps=args.steps, n=n, stencil=kind,
                      activation=args.activation,
-                     stencil_scale=args.scale, input_blur=input_blur, dilation=dilation)
+                     stencil_scale=args.scale, input_blur=input_blur, dilation=dilation,
+                     subgrid_connectives=args.subgrid_connectives)
         t0 = time.perf_counter()
         hist = fit(net, d["train"], args.epochs, args.lr, 128, seed)
         key = n if not input_blur else f"{n} blurred" + " dilated" * (dilation > 1)
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--train-count", type=int, default=50_000)
     ap.add_argument("--channels", type=int, nargs="+", default=[16], help="channels per unit")
+    ap.add_argument("--subgrid-connectives", action="store_true",
+                    help="ODENetConfig.subgrid_connectives (several units: a dilated network's "
+                         "connectives restrict each sub-grid on its own)")
     ap.add_argument("--activation", default="tanh")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--scale", type=float, default=0.05, help="stencil_scale (image widths)")
@@ -217,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     head = (f"MNIST, networks trained at one resolution and moved without retraining; "
             f"{len(data['train'])} training images, Adam lr {args.lr} cosine, {args.epochs} epochs, "
             f"{args.channels} channels, {args.steps} steps, {args.activation}, "
+            f"{'sub-grid connectives, ' if args.subgrid_connectives else ''}"
             f"stencil_scale {args.scale}; seeds "
             f"{args.seeds}; {machine()}; {time.perf_counter() - t0:.0f} s.")
     md = "\n\n".join([head, "Test file:", table(rows, "test"), "Validation:", table(rows, "val"),

@@ -67,6 +67,7 @@ def run(name: str, plan: list[tuple[int, int]], data: dict, args, stencil: str =
             net = ODENet(n=n, channels=unit_channels(args.channels), steps=args.steps, stencil=stencil,
                          T=args.T, activation=args.activation, in_channels=data[n][0].x.shape[1],
                          classes=int(max(s_.y.max() for s_ in data[n])) + 1, dilation=dil,
+                         subgrid_connectives=args.subgrid_connectives,
                          input_blur=pyramid_blur(n // dil, n) if dil > 1 else 0.0)
         elif net.n != n:
             net = to_resolution(net, n, naive=args.transfer == "naive", lam=args.lam,
@@ -95,7 +96,9 @@ def run(name: str, plan: list[tuple[int, int]], data: dict, args, stencil: str =
                              mge={"sizes": sizes, "batch_sizes": mge, "move": move})
         fit(net, train, epochs, args.lr, args.batch_size, args.seed, on_epoch=on_epoch, step=step)
     fine = [c for c in curve if c["n"] == fine_n]
+    moved = [c["val_acc"] for c in fine if c.get("event") == "transferred"]
     out = {"name": name, "plan": plan, "curve": curve, "final": fine[-1]["val_acc"],
+           "handover": moved[-1] if moved else None,
            "best": max(c["val_acc"] for c in fine), "seconds": t_train, "fine_equiv": compute}
     for t in args.targets:  # counted only on the fine grid's accuracy
         hit = next((c for c in fine if c["val_acc"] >= t), None)
@@ -143,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="also a single-level plan whose steps are multilevel gradient estimates: "
                          "images per grid, coarsest first (they add up to --batch-size); free "
                          "stencils moved by dilate when --dilation > 1, else by --transfer")
+    ap.add_argument("--subgrid-connectives", action="store_true",
+                    help="ODENetConfig.subgrid_connectives: a dilated network's connectives restrict "
+                         "each sub-grid on its own (the dilating move of several units is then exact)")
     ap.add_argument("--channels", type=int, nargs="+", default=[16],
                     help="one per unit (several: units joined by connective restriction)")
     ap.add_argument("--steps", type=int, default=2, help="Euler steps per unit")
@@ -210,18 +216,20 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.batch_size}, stencils {args.stencils}, Adam lr {args.lr} cosine per level, "
             f"transfer: free {args.transfer}"
             f"{f', fine networks dilation {args.dilation}' if args.dilation > 1 else ''}"
+            f"{', sub-grid connectives' if args.subgrid_connectives else ''}"
             f"{f', MGE plan batch sizes {args.mge}' if args.mge else ''}"
             f"{f' lam={args.lam:g}' if args.lam else ''}, consistent kinds re-discretised, "
             f"seed {args.seed}, {args.repeats} alternating repeat(s) (times: median [min-max]); "
             f"{machine()}; {time.perf_counter() - t0:.0f} s.")
     cols = "".join(f" to {100 * t:g}%: s / fine epochs |" for t in args.targets)
-    md = [head, "", f"| schedule | final val % | best val % | train s | fine epochs |{cols}",
-          "|---|---|---|---|---|" + "---|" * len(args.targets)]
+    md = [head, "", f"| schedule | final val % | best val % | val % moved to {size}, before its epochs | "
+          f"train s | fine epochs |{cols}", "|---|---|---|---|---|---|" + "---|" * len(args.targets)]
     for r in rows:
         hits = "".join(" not reached |" if r[f"to_{t:g}"] is None else
                        f" {r[f'to_{t:g}']['seconds']:.0f} [{r[f'to_{t:g}']['spread']}] / "
                        f"{r[f'to_{t:g}']['fine_equiv']:.2f} |" for t in args.targets)
-        md.append(f"| {r['name']} | {100 * r['final']:.2f} | {100 * r['best']:.2f} | "
+        moved = "" if r["handover"] is None else f"{100 * r['handover']:.2f}"
+        md.append(f"| {r['name']} | {100 * r['final']:.2f} | {100 * r['best']:.2f} | {moved} | "
                   f"{r['seconds']:.0f} | {r['fine_equiv']:.2f} |{hits}")
     metrics = {}
     for r in rows:

@@ -11,9 +11,11 @@ reports it). Printed only (a profile, not a result to compare).
     python benchmarks/stage_fixed_cost.py --compare [--repeats 3]
 
 Alternates whole 1-epoch demo stages (each in a fresh subprocess with its own local Ray) under
-settings that cut fixed cost: Ray Train's controller poll interval
-(``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's default 2 s). Reports the stage's
-wall-clock outside the epoch, median [min-max] per setting, and the paired ratios.
+settings that cut fixed cost: how the worker gets the level (``scaling.reader``: Ray Data,
+materialised by the driver, or the worker's own pyarrow read into its cache). Reports the stage's
+wall-clock outside the epoch and its phases (``pipelines.stage.stage_phases``), median [min-max]
+per setting, and the paired ratios. (Session 7 compared Ray Train's controller poll interval,
+``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, the same way: inconclusive, not adopted.)
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from common import ROOT
 
 # (not compared: materialize_data false with this 1 worker x 2 CPUs on 2 CPUs hangs, the stage's
 # streaming reads find no CPU left; that is why the default materialises)
-SETTINGS = {"ray default (poll 2 s)": ("2.0", True),
-            "poll 0.5 s": ("0.5", True)}
+SETTINGS = {"reader ray_data (materialised)": ("2.0", "ray_data"),
+            "reader worker (pyarrow into the cache)": ("2.0", "worker")}
 
 
-def _child(poll: str, materialize: bool) -> dict:
+def _child(poll: str, reader: str) -> dict:
     """One 1-epoch demo stage in this process (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` already set
     by the parent, so the local Ray's controller reads it)."""
     import ray
@@ -44,7 +46,7 @@ def _child(poll: str, materialize: bool) -> dict:
     cfg = load_config(ROOT / "configs" / "demo_single.yaml", ScheduleConfig, {
         "name": "fixed", "storage_path": str(tmp / "runs"), "experiment": "mscnn-benchmarks",
         "levels": [{"n": 28, "steps": 2, "epochs": 1, "optim": {"lr": 0.01}}],
-        "scaling": {"num_workers": 1, "cpus_per_worker": 2}, "materialize_data": materialize})
+        "scaling": {"num_workers": 1, "cpus_per_worker": 2, "reader": reader}})
     from pipelines.pyramid import build_pyramid
 
     build_pyramid(cfg.pyramid, Path(cfg.pyramid_root).resolve())
@@ -53,7 +55,8 @@ def _child(poll: str, materialize: bool) -> dict:
     total = time.perf_counter() - t
     epoch = res["stages"][0]["history"][0]["stage_seconds"]
     ray.shutdown()
-    return {"stage_s": total, "epoch_s": epoch, "outside_epoch_s": total - epoch}
+    return {"stage_s": total, "epoch_s": epoch, "outside_epoch_s": total - epoch,
+            "phases": res["stages"][0]["phases"]}
 
 
 def compare(repeats: int) -> None:
@@ -65,10 +68,10 @@ def compare(repeats: int) -> None:
 
     from common import alternate, fmt_ratio, paired_ratio
 
-    def run(poll: str, mat: bool):
+    def run(poll: str, reader: str):
         def go() -> dict:
             env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll}
-            out = subprocess.run([sys.executable, __file__, "--child", poll, str(int(mat))], env=env,
+            out = subprocess.run([sys.executable, __file__, "--child", poll, reader], env=env,
                                  capture_output=True, text=True, timeout=400)
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
@@ -87,6 +90,13 @@ def compare(repeats: int) -> None:
             v = [r[key] for r in rs]
             cells.append(f"{statistics.median(v):.1f} [{min(v):.1f}-{max(v):.1f}]")
         print(f"| {k} | " + " | ".join(cells) + " |")
+    phases = list(next(iter(runs.values()))[0]["phases"])
+    print("\nphases, seconds median [min-max]\n| setting | " + " | ".join(phases) + " |")
+    print("|---|" + "---|" * len(phases))
+    for k, rs in runs.items():
+        print(f"| {k} | " + " | ".join(
+            f"{statistics.median(v):.1f} [{min(v):.1f}-{max(v):.1f}]"
+            for v in ([r["phases"][ph] for r in rs] for ph in phases)) + " |")
     base = [r["outside_epoch_s"] for r in runs[next(iter(SETTINGS))]]
     for k in list(SETTINGS)[1:]:
         print(f"- fixed cost, default / {k}: "
@@ -97,12 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--compare", action="store_true")
-    ap.add_argument("--child", nargs=2, metavar=("POLL", "MATERIALIZE"))
+    ap.add_argument("--child", nargs=2, metavar=("POLL", "READER"))
     args = ap.parse_args(argv)
     if args.child:
         import json
 
-        print("RESULT " + json.dumps(_child(args.child[0], bool(int(args.child[1])))), flush=True)
+        print("RESULT " + json.dumps(_child(*args.child)), flush=True)
         return
     if args.compare:
         compare(args.repeats)

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from mscnn.classifier import CLASSIFIERS
 from mscnn.fields import omit_later
@@ -82,8 +83,14 @@ class ODENetConfig:
     input_blur: float = 0.0
     # spacing of the free 3x3 stencils' taps, in pixels (1: adjacent). A free network moved k
     # levels finer by ``to_resolution(dilate=True)`` keeps each stencil at its physical offsets:
-    # dilation 2**k (the coarse network run on each of the fine grid's 4**k interleaved sub-grids)
+    # dilation 2**k, the coarse network run on each of the fine grid's 4**k interleaved sub-grids
+    # (exactly for one unit; with several, when ``subgrid_connectives``)
     dilation: int = 1
+    # with dilation d > 1, the connectives restrict each of the d x d sub-grids on its own
+    # (``Connective``): the network is then exactly the undilated one on every sub-grid, through all
+    # its units, but its sub-grids never mix; False (plain restriction): they mix at each connective.
+    # No effect at dilation 1; moves keep it
+    subgrid_connectives: bool = False
 
     def __post_init__(self) -> None:
         for key in ("channels", "steps"):  # lists from JSON/YAML become tuples (hashable, frozen)
@@ -123,6 +130,12 @@ class ODENetConfig:
                 f"ODENetConfig.n: n={self.n} must be divisible by 2**{units - 1} "
                 f"({units} units, each connective layer halves the grid)"
             )
+        if units > 1 and self.subgrid_connectives and self.n % (self.dilation * 2 ** (units - 1)):
+            raise ValueError(
+                f"ODENetConfig.n: n={self.n} must be divisible by dilation x 2**{units - 1} = "
+                f"{self.dilation * 2 ** (units - 1)} (each connective halves every one of the "
+                f"{self.dilation}x{self.dilation} sub-grids of the dilated taps)"
+            )
 
     @property
     def unit_channels(self) -> list[int]:
@@ -153,7 +166,8 @@ class ODENetConfig:
         d = asdict(self)
         d["channels"] = self.unit_channels if not isinstance(self.channels, int) else self.channels
         d["steps"] = list(self.steps) if not isinstance(self.steps, int) else self.steps
-        return omit_later(d, {"dilation": 1})  # model.json of networks without it stays as it was
+        # model.json of networks without them stays as it was
+        return omit_later(d, {"dilation": 1, "subgrid_connectives": False})
 
     @classmethod
     def from_dict(cls, d: dict) -> ODENetConfig:
@@ -199,15 +213,27 @@ class EulerUnit(nn.Module):
 
 class Connective(nn.Module):
     """Channel change and 2x coarsening: ``(B, C_in, n, n) -> (B, C_out, n/2, n/2)``,
-    ``restrict_image(act(conv1x1(y)))``."""
+    ``restrict_image(act(conv1x1(y)))``. With ``dilation`` ``d > 1`` (the units' taps ``d`` pixels
+    apart) each of the ``d x d`` interleaved sub-grids is restricted on its own and they interleave
+    again (``pixel_unshuffle``, ``restrict_image``, ``pixel_shuffle``), so a dilated network stays
+    the undilated one run on every sub-grid through all its units:
 
-    def __init__(self, c_in: int, c_out: int, act: str, pair: str) -> None:
+    >>> c = Connective(1, 1, "identity", "average", dilation=2)
+    >>> _ = nn.init.ones_(c.conv.weight), nn.init.zeros_(c.conv.bias)
+    >>> c(torch.arange(16.).view(1, 1, 4, 4)).tolist()  # sub-grid (0, 0) is 0, 2, 8, 10: mean 5
+    [[[[5.0, 6.0], [9.0, 10.0]]]]
+    """
+
+    def __init__(self, c_in: int, c_out: int, act: str, pair: str, dilation: int = 1) -> None:
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, 1)
-        self.act_name, self.pair = act, pair
+        self.act_name, self.pair, self.dilation = act, pair, int(dilation)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return restrict_image(activation(self.act_name)(self.conv(y)), self.pair)
+        y, d = activation(self.act_name)(self.conv(y)), self.dilation
+        if d == 1:
+            return restrict_image(y, self.pair)
+        return F.pixel_shuffle(restrict_image(F.pixel_unshuffle(y, d), self.pair), d)
 
 
 class ODENet(nn.Module):
@@ -237,7 +263,7 @@ class ODENet(nn.Module):
             for c, s in zip(chans, steps, strict=True)
         )
         self.connectives = nn.ModuleList(
-            Connective(a, b, config.activation, config.pair)
+            Connective(a, b, config.activation, config.pair, d if config.subgrid_connectives else 1)
             for a, b in zip(chans[:-1], chans[1:], strict=True)
         )
         self.classifier = CLASSIFIERS[config.classifier](config.classes, chans[-1], config.n_out)

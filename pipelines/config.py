@@ -224,6 +224,11 @@ class ScalingModel(_Strict):
     # each worker keeps its shard of a level as tensors when it is at most this size (MB per
     # split; 0: stream from Ray Data every epoch); MNIST 28x28: 60,000 images are 188 MB
     worker_cache_mb: float = Field(2048.0, ge=0)
+    # how the workers get the level: ray_data (get_dataset_shard; materialised or streamed, see
+    # materialize_data), worker (each worker reads the split's Parquet shards with pyarrow into its
+    # cache: no Ray Data pass; the pyramid must be a path every node sees), auto: worker when each
+    # split of the level fits worker_cache_mb and the pyramid is a path, else ray_data
+    reader: Literal["auto", "ray_data", "worker"] = "auto"
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
@@ -335,7 +340,7 @@ class ScheduleConfig(_Strict):
         # read from: the build refuses another content under the same name)
         d = self.model_dump(exclude={"storage_path", "experiment", "scaling", "register_model"})
         # fields added later leave the hash of a schedule that does not use them unchanged
-        omit_later(d["model"], {"input_blur": 0.0, "dilation": 1})
+        omit_later(d["model"], {"input_blur": 0.0, "dilation": 1, "subgrid_connectives": False})
         for lv in d["levels"]:
             omit_later(lv, {"prefilter": False, "dilate": False})
             omit_later(lv["estimator"] or {}, {"move": "galerkin"})

@@ -31,7 +31,7 @@ from mscnn.models import NetConfig, build_model
 from mscnn.train import evaluate, make_step, train_epoch
 
 __all__ = ["CURVES", "MlflowStageCallback", "ProgressCallback", "ShardCache", "StageSpec", "resolve_gpu",
-           "run_stage", "train_func"]
+           "run_stage", "train_func", "worker_reads"]
 
 # what the stage and parent runs plot per epoch; bookkeeping (epoch, n, steps) are params and tags
 CURVES = ("train_loss", "val_loss", "val_accuracy", "images_per_s", "wallclock", "stage_seconds",
@@ -59,6 +59,7 @@ class StageSpec:
     train_count: int = 0  # images in the level's train split (all workers)
     mge: dict | None = None  # {"sizes", "batch_sizes"}: multilevel gradient estimation
     cache_mb: float = 2048.0  # per worker and split: shards up to this size are kept as tensors
+    read_root: str | None = None  # the pyramid, when each worker reads its rows itself (no Ray Data)
     extra: dict = field(default_factory=dict)  # e.g. the test-only fail_once switch
 
 
@@ -146,6 +147,18 @@ class ShardCache:
         self.shard, self.limit = shard, limit_bytes
         self.x = self.y = None
         self.streaming = limit_bytes <= 0
+
+    @classmethod
+    def of_tensors(cls, x: torch.Tensor, y: torch.Tensor, rank: int, world: int, device,
+                   equal: bool) -> ShardCache:
+        """A cache filled up front with this worker's rows of a whole split (``scaling.reader:
+        worker``): rows ``rank, rank + world, ...``; ``equal`` trims every worker to the same
+        count (training: DDP's all-reduces need the same number of batches on every worker)."""
+        rows = len(y) // world if equal else len(y)
+        x, y = x[rank::world][:rows], y[rank::world][:rows]
+        cache = cls(None, float("inf"))
+        cache.x, cache.y = x.to(device), y.to(device)
+        return cache
 
     def batches(self, batch_size: int, scale: torch.Tensor, device, seed: int | None = None):
         if self.x is not None:
@@ -285,6 +298,27 @@ def _metrics(spec: StageSpec, state: dict, epoch: int, rec: list[float]) -> dict
             "n": cfg.n, "steps": sum(getattr(cfg, "unit_steps", [0]))}
 
 
+def _xy(split) -> tuple[torch.Tensor, torch.Tensor]:
+    return split.x, split.y
+
+
+def worker_reads(scaling: dict, manifest: dict, level: int, pyramid: str) -> bool:
+    """Whether a stage's workers read the level themselves (pyarrow into ``ShardCache``) instead of
+    through Ray Data: ``scaling.reader`` ``worker`` / ``ray_data``, or ``auto``: the worker when
+    each split of the level, whole, fits ``worker_cache_mb`` (every worker reads the split and keeps
+    its rows) and the pyramid is a path, not a URI. Ray Data's passes cost seconds per stage that a
+    small level does not repay (benchmarks/RESULTS.md, issue 18); larger levels stream."""
+    mode, uri = scaling.get("reader", "auto"), "://" in pyramid
+    if mode == "worker" and uri:
+        raise ValueError(f"scaling.reader: worker reads the pyramid from a path; {pyramid} is a URI "
+                         "(use reader: ray_data or auto)")
+    if mode != "auto":
+        return mode == "worker"
+    lv, c = manifest["levels"][level], manifest["channels"]
+    largest = max(manifest["counts"][s]["total"] for s in ("train", "val")) * c * lv["n"] ** 2 * 4
+    return not uri and 0 < largest <= scaling["worker_cache_mb"] * 2**20
+
+
 def train_func(config: dict) -> None:
     """The per-worker loop of one stage, ``config = {"spec": StageSpec}``: Ray's shards into
     ``mscnn.train.train_epoch``, validation all-reduced, a checkpoint and a report every epoch."""
@@ -305,9 +339,15 @@ def train_func(config: dict) -> None:
     if step_state:
         step.load_state_dict(step_state)
     scale = torch.tensor(spec.input_scale, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    limit = spec.cache_mb * 2**20
-    train = ShardCache(ray.train.get_dataset_shard("train"), limit)
-    val = ShardCache(ray.train.get_dataset_shard("val"), limit)
+    if spec.read_root:  # scaling.reader: worker -- pyarrow straight into the cache, no Ray Data pass
+        from pipelines.pyramid import level_tensors
+
+        train, val = (ShardCache.of_tensors(*_xy(level_tensors(spec.read_root, spec.level, s)), rank, world,
+                                            device, equal=s == "train") for s in ("train", "val"))
+    else:
+        limit = spec.cache_mb * 2**20
+        train = ShardCache(ray.train.get_dataset_shard("train"), limit)
+        val = ShardCache(ray.train.get_dataset_shard("val"), limit)
     state["nodes"] = _all_nodes()  # where this stage's workers run (the last attempt)
     state["devices"] = _all_gather(str(device))  # and on what: cpu, cuda:0, ...
     t_setup = time.time()
@@ -411,7 +451,8 @@ def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
     """Run one stage with ``TorchTrainer``; returns Ray Train's ``Result``. ``mlflow``:
     ``{"uri", "experiment", "run_id", "parent_id"}`` for ``MlflowStageCallback``. ``materialize``
     reads the level into Ray's object store once (fast epochs for data that fits); otherwise every
-    epoch streams the Parquet shards. ``progress(metrics)`` is called on this thread after each
+    epoch streams the Parquet shards; neither applies when the workers read the level themselves
+(``worker_reads``: no Ray Data datasets at all). ``progress(metrics)`` is called on this thread after each
     epoch (rank 0's metrics and ``epochs``). ``stamps`` receives the driver's wall-clock stamps
     (``start``, ``fit_start``, ``fit_end``) for the stage's timeline (``stage_phases``)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -430,6 +471,8 @@ def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
     spec.input_scale = input_scale(manifest)
     spec.cache_mb = scaling["worker_cache_mb"]
     spec.train_count = manifest["counts"]["train"]["total"]
+    reads = worker_reads(scaling, manifest, spec.level, pyramid)
+    spec.read_root = str(Path(pyramid).resolve()) if reads else None
     callbacks = [*(callbacks or []), *([MlflowStageCallback(**mlflow)] if mlflow else [])]
     progress_file = None
     if progress:
@@ -450,8 +493,9 @@ def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             callbacks=callbacks or None,
         ),
-        datasets={s: ds.materialize() if materialize else ds
-                  for s, ds in ((s, load_level(pyramid, spec.level, s)) for s in ("train", "val"))},
+        datasets=None if spec.read_root else {
+            s: ds.materialize() if materialize else ds
+            for s, ds in ((s, load_level(pyramid, spec.level, s)) for s in ("train", "val"))},
         # one worker reads the whole level: no split, so no split-coordinator actor per dataset
         # (starting them cost seconds of every stage's first pass over each split)
         dataset_config=DataConfig(datasets_to_split=[] if scaling["num_workers"] <= 1 else "all"),

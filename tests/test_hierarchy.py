@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mscnn.hierarchy import interpolate_in_time, levels_between, to_depth, to_resolution
-from mscnn.ode import ODENet
+from mscnn.ode import ODENet, activation
 from mscnn.transfer import prolong_image, prolong_stencil, restrict_image, restrict_stencil
 
 
@@ -116,20 +116,21 @@ def test_to_depth_per_unit_and_errors():
         to_depth(net, [4])
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_dilated_move_runs_the_coarse_network_on_each_interleaved_subgrid(k):
+@pytest.mark.parametrize("k,channels,n", [(1, 3, 6), (2, 3, 6), (1, [3, 2], 8), (2, [3, 2, 4], 8)])
+def test_dilated_move_runs_the_coarse_network_on_each_interleaved_subgrid(k, channels, n):
     # a free network moved k levels finer by dilation: its state at final time, read on the
     # sub-grid of phase (i, j), is the coarse network's state on that sub-grid of the fine image,
-    # exactly (zero padding included); with the "average" pair (W prolonged by copying) its logits
-    # are the mean over the 4**k sub-grids of the coarse network's
+    # exactly (zero padding included; with several units, when the connectives restrict each
+    # sub-grid on its own, ``subgrid_connectives``); with the "average" pair (W prolonged by copying) its logits are the mean over the
+    # 4**k sub-grids of the coarse network's
     torch.manual_seed(0)
-    net = ODENet(channels=3, steps=2, n=6, pair="average").double()
+    net = ODENet(channels=channels, steps=2, n=n, pair="average", subgrid_connectives=True).double()
     with torch.no_grad():
         net.classifier.mu.normal_()
-    up = to_resolution(net, 6 * 2**k, dilate=True)
+    up = to_resolution(net, n * 2**k, dilate=True)
     assert up.config.dilation == 2**k and up.opening.dilation == (2**k, 2**k)
     assert torch.equal(up.units[0].K, net.units[0].K) and torch.equal(up.opening.weight, net.opening.weight)
-    x = torch.randn(2, 1, 6 * 2**k, 6 * 2**k, dtype=torch.float64)
+    x = torch.randn(2, 1, n * 2**k, n * 2**k, dtype=torch.float64)
     s = 2**k
     feats, logits = up.features(x), up(x)
     coarse = [(i, j, x[..., i::s, j::s]) for i in range(s) for j in range(s)]
@@ -137,12 +138,30 @@ def test_dilated_move_runs_the_coarse_network_on_each_interleaved_subgrid(k):
         torch.testing.assert_close(feats[..., i::s, j::s], net.features(xc), rtol=0, atol=1e-12)
     mean = torch.stack([net(xc) for _, _, xc in coarse]).mean(0)
     torch.testing.assert_close(logits, mean, rtol=0, atol=1e-12)
-    back = to_resolution(up, 6, dilate=True)  # and back down, exactly
+    back = to_resolution(up, n, dilate=True)  # and back down, exactly
     assert back.config == net.config
     for (a, ta), (b, tb) in zip(back.state_dict().items(), net.state_dict().items(), strict=True):
         assert a == b and torch.equal(ta, tb), a
-    naive = to_resolution(net, 6 * 2**k, naive=True)  # the same weights with adjacent taps differ
+    naive = to_resolution(net, n * 2**k, naive=True)  # the same weights with adjacent taps differ
     assert (naive(x) - logits).abs().max() > 1e-3
+    if up.connectives:  # per sub-grid, and not so without subgrid_connectives (they mix)
+        y = torch.randn(1, up.connectives[0].conv.in_channels, n * 2**k, n * 2**k, dtype=torch.float64)
+        plain = restrict_image(activation(up.config.activation)(up.connectives[0].conv(y)), "average")
+        assert (up.connectives[0](y) - plain).abs().max() > 1e-3
+        mixed = ODENet(up.config.replace(subgrid_connectives=False)).double()
+        mixed.load_state_dict(up.state_dict())
+        torch.testing.assert_close(mixed.connectives[0](y), plain, rtol=0, atol=0)
+        assert (mixed.features(x)[..., 0::s, 0::s] - net.features(x[..., 0::s, 0::s])).abs().max() > 1e-3
+    assert ("subgrid_connectives" in up.config.to_dict()) and "subgrid_connectives" not in \
+        ODENet(channels=2, steps=1, n=8).config.to_dict()  # files of other networks are unchanged
+
+
+def test_a_dilated_network_needs_whole_sub_grids_at_every_unit():
+    with pytest.raises(ValueError, match="divisible by dilation x 2..1 = 8"):
+        ODENet(channels=[2, 2], steps=1, n=12, dilation=4, subgrid_connectives=True)
+    ODENet(channels=[2, 2], steps=1, n=16, dilation=4, subgrid_connectives=True)
+    ODENet(channels=[2, 2], steps=1, n=12, dilation=4)  # the plain connectives restrict the whole grid
+    ODENet(channels=2, steps=1, n=12, dilation=4, subgrid_connectives=True)  # one unit: any n
 
 
 def test_dilated_move_errors_name_the_cause():

@@ -293,7 +293,8 @@ def test_a_worker_killed_by_sigkill_mid_level_resumes_from_its_checkpoint(local_
     import time
 
     cfg = _cfg(tmp_path, [{"n": 16, "steps": 1, "epochs": 6, "optim": {"batch_size": 32}}],
-               kind="single", name="sigkill", scaling={"num_workers": 2}, max_failures=1)
+               kind="single", name="sigkill", max_failures=1,
+               scaling={"num_workers": 2, "reader": "ray_data"})  # the Ray Data path: split shards
     d = _run_dir(cfg) / f"{cfg.name}-{cfg.config_hash()}-L0-n16-N1"
     killed: dict = {}
 

@@ -1,8 +1,9 @@
 """The stage's worker-local cache of its data shard (``pipelines.stage.ShardCache``)."""
 
+import pytest
 import torch
 
-from pipelines.stage import ShardCache
+from pipelines.stage import ShardCache, worker_reads
 
 
 class FakeShard:
@@ -53,3 +54,35 @@ def test_a_shard_over_the_limit_streams_every_epoch():
     for _ in range(2):
         list(cache.batches(4, torch.tensor(1.0), "cpu"))
     assert off.passes == 2
+
+
+def test_a_worker_reading_the_split_itself_takes_every_world_th_row_and_trims_training_to_equal():
+    """``scaling.reader: worker``: rank r keeps rows r, r + world, ...; training shards are trimmed
+    to the same count (DDP steps in lockstep), validation keeps every row (its sums are all-reduced)."""
+    x, y = _data(11)
+    train = [ShardCache.of_tensors(x, y, r, 3, "cpu", equal=True) for r in range(3)]
+    assert [c.y.tolist() for c in train] == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]  # 11 // 3 = 3 each
+    val = [ShardCache.of_tensors(x, y, r, 3, "cpu", equal=False) for r in range(3)]
+    assert [c.y.tolist() for c in val] == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
+    scale = torch.tensor(0.5)
+    got = list(val[1].batches(3, scale, "cpu"))  # served from memory, in order, scaled
+    assert torch.equal(torch.cat([b[1] for b in got]), torch.tensor([1, 4, 7, 10]))
+    assert torch.equal(torch.cat([b[0] for b in got]), 0.5 * x[[1, 4, 7, 10]])
+    shuffled = torch.cat([b[1] for b in train[0].batches(2, scale, "cpu", seed=5)])
+    assert sorted(shuffled.tolist()) == [0, 3, 6]
+
+
+def test_the_reader_is_the_worker_for_levels_that_fit_the_cache_and_ray_data_otherwise():
+    man = {"channels": 1, "levels": [{"n": 28}, {"n": 14}],
+           "counts": {"train": {"total": 50_000}, "val": {"total": 10_000}}}
+    big = 50_000 * 28 * 28 * 4  # the train split at 28x28: 157 MB
+    auto = {"reader": "auto", "worker_cache_mb": big / 2**20}
+    assert worker_reads(auto, man, 0, "/data/p") is True
+    assert worker_reads(auto | {"worker_cache_mb": big / 2**20 - 1}, man, 0, "/data/p") is False
+    assert worker_reads(auto | {"worker_cache_mb": big / 2**20 / 4}, man, 1, "/data/p") is True  # 14x14
+    assert worker_reads(auto, man, 0, "s3://bucket/p") is False  # a URI: Ray Data reads it
+    assert worker_reads(auto | {"worker_cache_mb": 0}, man, 1, "/data/p") is False  # caching off
+    assert worker_reads({"reader": "ray_data", "worker_cache_mb": 1e9}, man, 1, "/data/p") is False
+    assert worker_reads({"reader": "worker", "worker_cache_mb": 0}, man, 0, "/data/p") is True
+    with pytest.raises(ValueError, match="reader: worker.*s3://b/p is a URI"):
+        worker_reads({"reader": "worker", "worker_cache_mb": 0}, man, 0, "s3://b/p")
