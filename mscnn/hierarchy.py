@@ -11,7 +11,8 @@ network moved to a finer grid blur its input as the pyramid blurred the coarse i
 and takes that blur off again on the way down. ``dilate`` keeps every free stencil at its physical
 offsets: moved ``k`` levels finer its taps are ``2**k`` pixels apart (``ODENetConfig.dilation``), so
 the moved network is the old one run on each of the ``4**k`` interleaved sub-grids of the finer image
-(the a-trous construction); with the prefilter it sees the bandwidth it was trained at. A dilated
+(the a-trous construction; with several units exactly so when ``ODENetConfig.subgrid_connectives``,
+else the connectives mix the sub-grids); with the prefilter it sees the bandwidth it was trained at. A dilated
 network moves back down exactly; one with adjacent taps cannot move down this way.
 ``resolution_state`` is the same map on a state dict, differentiable, for training one set of
 parameters at several resolutions (``mscnn.multires``).

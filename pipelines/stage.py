@@ -155,9 +155,8 @@ class ShardCache:
         worker``): rows ``rank, rank + world, ...``; ``equal`` trims every worker to the same
         count (training: DDP's all-reduces need the same number of batches on every worker)."""
         rows = len(y) // world if equal else len(y)
-        x, y = x[rank::world][:rows], y[rank::world][:rows]
-        cache = cls(None, float("inf"))
-        cache.x, cache.y = x.to(device), y.to(device)
+        cache = cls(None, float("inf"))  # its own copy of its rows: the whole split is let go
+        cache.x, cache.y = (t[rank::world][:rows].contiguous().to(device) for t in (x, y))
         return cache
 
     def batches(self, batch_size: int, scale: torch.Tensor, device, seed: int | None = None):
@@ -298,10 +297,6 @@ def _metrics(spec: StageSpec, state: dict, epoch: int, rec: list[float]) -> dict
             "n": cfg.n, "steps": sum(getattr(cfg, "unit_steps", [0]))}
 
 
-def _xy(split) -> tuple[torch.Tensor, torch.Tensor]:
-    return split.x, split.y
-
-
 def worker_reads(scaling: dict, manifest: dict, level: int, pyramid: str) -> bool:
     """Whether a stage's workers read the level themselves (pyarrow into ``ShardCache``) instead of
     through Ray Data: ``scaling.reader`` ``worker`` / ``ray_data``, or ``auto``: the worker when
@@ -342,8 +337,12 @@ def train_func(config: dict) -> None:
     if spec.read_root:  # scaling.reader: worker -- pyarrow straight into the cache, no Ray Data pass
         from pipelines.pyramid import level_tensors
 
-        train, val = (ShardCache.of_tensors(*_xy(level_tensors(spec.read_root, spec.level, s)), rank, world,
-                                            device, equal=s == "train") for s in ("train", "val"))
+        caches = []
+        for s in ("train", "val"):
+            split = level_tensors(spec.read_root, spec.level, s)
+            caches.append(ShardCache.of_tensors(split.x, split.y, rank, world, device, equal=s == "train"))
+        train, val = caches
+        del split  # the whole split: each cache holds its own rows
     else:
         limit = spec.cache_mb * 2**20
         train = ShardCache(ray.train.get_dataset_shard("train"), limit)
@@ -452,8 +451,8 @@ def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
     ``{"uri", "experiment", "run_id", "parent_id"}`` for ``MlflowStageCallback``. ``materialize``
     reads the level into Ray's object store once (fast epochs for data that fits); otherwise every
     epoch streams the Parquet shards; neither applies when the workers read the level themselves
-(``worker_reads``: no Ray Data datasets at all). ``progress(metrics)`` is called on this thread after each
-    epoch (rank 0's metrics and ``epochs``). ``stamps`` receives the driver's wall-clock stamps
+    (``worker_reads``: no Ray Data datasets at all). ``progress(metrics)`` is called on this thread
+    after each epoch (rank 0's metrics and ``epochs``). ``stamps`` receives the driver's wall-clock stamps
     (``start``, ``fit_start``, ``fit_end``) for the stage's timeline (``stage_phases``)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

@@ -121,8 +121,8 @@ def test_dilated_move_runs_the_coarse_network_on_each_interleaved_subgrid(k, cha
     # a free network moved k levels finer by dilation: its state at final time, read on the
     # sub-grid of phase (i, j), is the coarse network's state on that sub-grid of the fine image,
     # exactly (zero padding included; with several units, when the connectives restrict each
-    # sub-grid on its own, ``subgrid_connectives``); with the "average" pair (W prolonged by copying) its logits are the mean over the
-    # 4**k sub-grids of the coarse network's
+    # sub-grid on its own, ``subgrid_connectives``); with the "average" pair (W prolonged by
+    # copying) its logits are the mean over the 4**k sub-grids of the coarse network's
     torch.manual_seed(0)
     net = ODENet(channels=channels, steps=2, n=n, pair="average", subgrid_connectives=True).double()
     with torch.no_grad():
