@@ -59,6 +59,14 @@ def main() -> None:
     ap.add_argument("--depth-levels", type=int, nargs="*", default=[2, 4, 8, 16],
                     help="part 2 (none: skip it)")
     ap.add_argument("--depth-iters", type=int, default=5)
+    ap.add_argument("--shallow-iters", type=int, default=None,
+                    help="part 2: BCD iterations on every level but the deepest (the multilevel "
+                         "chain's cheap path; default --depth-iters)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="part 2: initial weights and batches (0: the runs in RESULTS.md)")
+    ap.add_argument("--random-deepest-only", action="store_true",
+                    help="part 2: random initialisation only at the deepest level (all the "
+                         "compute-to-target comparison needs)")
     ap.add_argument("--depth-batch", type=int, default=256)
     ap.add_argument("--val-count", type=int, default=2000, help="validation images per evaluation")
     ap.add_argument("--optimizers", nargs="+", choices=["bcd", "adam"], default=["bcd", "adam"],
@@ -109,24 +117,27 @@ def part2(args, train: Split, val: Split, res: dict) -> dict:
         return depth
     print("part 2: shallow to deep with BCD, multilevel vs random initialisation")
     prev = None
+    deepest = max(args.depth_levels)
     for N in args.depth_levels:
-        for mode in ("multilevel", "random"):
-            torch.manual_seed(N)
+        modes = ("multilevel",) if args.random_deepest_only and N != deepest else ("multilevel", "random")
+        iters = args.depth_iters if (N == deepest or args.shallow_iters is None) else args.shallow_iters
+        for mode in modes:
+            torch.manual_seed(N + 1000 * args.seed)
             net = ODENet(channels=16, steps=N, n=28).to(train.x.device) \
                 if (mode == "random" or prev is None) else to_depth(prev, N)
-            opt, gen = BCD(net), _batches(train, args.depth_batch, N)
+            opt, gen = BCD(net), _batches(train, args.depth_batch, N + 1000 * args.seed)
             x0, y0 = next(_batches(train, 2000, 99))
             with torch.no_grad():
                 init_loss = F.cross_entropy(net(x0), y0).item()
             rec = {"steps": N, "init_loss": init_loss, "init_val_accuracy": accuracy(net, val),
                    "iters": []}
-            for it in range(args.depth_iters):
+            for it in range(iters if mode == "multilevel" else args.depth_iters):
                 t = time.perf_counter()
                 loss = opt.step(*next(gen))["loss"]
                 rec["iters"].append({"iter": it + 1, "loss": loss, "seconds": time.perf_counter() - t,
                                      "val_accuracy": accuracy(net, val)})
             print(f"  N={N:3d} {mode:10s} start loss {init_loss:.3f} acc "
-                  f"{100 * rec['init_val_accuracy']:.2f}% -> after {args.depth_iters} it: loss "
+                  f"{100 * rec['init_val_accuracy']:.2f}% -> after {len(rec['iters'])} it: loss "
                   f"{rec['iters'][-1]['loss']:.3f} acc {100 * rec['iters'][-1]['val_accuracy']:.2f}%",
                   flush=True)
             depth[mode].append(rec)
@@ -138,25 +149,30 @@ def part2(args, train: Split, val: Split, res: dict) -> dict:
 
 
 def compute_to_target(depth: dict) -> dict | None:
-    """Wall-clock to the random-init final accuracy at the deepest level done: the random network's
-    seconds over its iterations, against the multilevel chain's seconds over every shallower level
-    plus its deepest level until it first reaches that accuracy (None where it never does)."""
-    if not depth["random"] or len(depth["multilevel"]) != len(depth["random"]):
+    """Compute to the random-init final accuracy at the deepest level done: the random network's
+    seconds (and step-iterations: BCD iterations x Euler steps, the machine-free count) over its
+    iterations, against the multilevel chain's over every shallower level plus its deepest level
+    until it first reaches that accuracy (None where it never does)."""
+    if not depth["random"] or not depth["multilevel"] \
+            or depth["random"][-1]["steps"] != depth["multilevel"][-1]["steps"]:
         return None
     rnd, ml = depth["random"][-1], depth["multilevel"]
     target = rnd["iters"][-1]["val_accuracy"]
     before = sum(it["seconds"] for r in ml[:-1] for it in r["iters"])
-    spent, hit = before, None
+    work_before = sum(r["steps"] * len(r["iters"]) for r in ml[:-1])
+    spent, work, hit = before, work_before, None
     if ml[-1]["init_val_accuracy"] >= target:  # already there when moved to this depth
-        hit = {"iter": 0, "seconds": spent}
+        hit = {"iter": 0, "seconds": spent, "step_iters": work}
     for it in ml[-1]["iters"] if hit is None else []:
         spent += it["seconds"]
+        work += ml[-1]["steps"]
         if it["val_accuracy"] >= target:
-            hit = {"iter": it["iter"], "seconds": spent}
+            hit = {"iter": it["iter"], "seconds": spent, "step_iters": work}
             break
     return {"steps": rnd["steps"], "target": target,
             "random_seconds": sum(it["seconds"] for it in rnd["iters"]),
-            "random_iters": len(rnd["iters"]), "multilevel_shallower_seconds": before,
+            "random_iters": len(rnd["iters"]), "random_step_iters": rnd["steps"] * len(rnd["iters"]),
+            "multilevel_shallower_seconds": before, "multilevel_shallower_step_iters": work_before,
             "multilevel_hit": hit}
 
 
@@ -205,15 +221,16 @@ def report(args, res: dict, depth: dict, quiet: bool = False) -> None:
             hit = next((p for p in r if p["val_accuracy"] >= thr), None)
             row += [hit["iter"] if hit else "-", f"{hit['seconds']:.0f}" if hit else "-"]
         race_lines.append("| " + " | ".join(map(str, row)) + " |")
-    lines = ["| steps | init | loss at start | val acc at start | loss after | val acc after | "
-             "best val acc | seconds |", "|---|---|---|---|---|---|---|---|"]
-    for mode_recs in zip(depth["multilevel"], depth["random"], strict=False):
-        for mode, r in zip(("multilevel", "random"), mode_recs, strict=True):
-            lines.append(f"| {r['steps']} | {mode} | {r['init_loss']:.3f} | "
-                         f"{100 * r['init_val_accuracy']:.2f}% | {r['iters'][-1]['loss']:.3f} | "
-                         f"{100 * r['iters'][-1]['val_accuracy']:.2f}% | "
-                         f"{100 * max(it['val_accuracy'] for it in r['iters']):.2f}% | "
-                         f"{sum(it['seconds'] for it in r['iters']):.1f} |")
+    lines = ["| steps | init | loss at start | val acc at start | iterations | loss after | "
+             "val acc after | best val acc | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = sorted([(r["steps"], mode, r) for mode in ("multilevel", "random") for r in depth[mode]],
+                  key=lambda t: (t[0], t[1] != "multilevel"))
+    for _, mode, r in rows:
+        lines.append(f"| {r['steps']} | {mode} | {r['init_loss']:.3f} | "
+                     f"{100 * r['init_val_accuracy']:.2f}% | {len(r['iters'])} | "
+                     f"{r['iters'][-1]['loss']:.3f} | {100 * r['iters'][-1]['val_accuracy']:.2f}% | "
+                     f"{100 * max(it['val_accuracy'] for it in r['iters']):.2f}% | "
+                     f"{sum(it['seconds'] for it in r['iters']):.1f} |")
     c = compute_to_target(depth)
     if c:
         res["compute_to_random_final"] = c

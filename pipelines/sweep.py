@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pipelines.config import ScheduleConfig, apply_overrides, load_config
 from pipelines.runtime import exclusive, require_ray
@@ -63,6 +71,9 @@ class SweepConfig(BaseModel):
     storage_path: str = "outputs/sweeps"
     experiment: str = "mscnn-sweeps"
     seed: int = 0
+    # a sample whose combination of values makes no valid schedule (e.g. a dilating handover with
+    # model.stencil gaussian) is skipped and listed as such, instead of refusing the sweep
+    skip_invalid: bool = False
 
     @field_validator("base", mode="before")
     @classmethod
@@ -102,8 +113,27 @@ class SweepConfig(BaseModel):
                 raise ValueError(f"space.{key}.{dist}: expected [low, high] with low < high")
             if dist == "loguniform" and args[0] <= 0:
                 raise ValueError(f"space.{key}.loguniform: bounds must be > 0")
-        self.schedule({k: _example(s) for k, s in self.space.items()})  # every key applies
+        try:  # every key applies
+            apply_overrides(json.loads(json.dumps(self.base)),
+                            {k: _example(s) for k, s in self.space.items()})
+        except KeyError as e:
+            raise ValueError(f"space: {e.args[0]} (not a field of the base schedule)") from None
+        combos = _finite_samples(self.space)
+        bad = [(c, r) for c in combos if (r := self.invalid(c))]
+        if bad and (not self.skip_invalid or len(bad) == len(combos)):
+            (c, reason), = bad[:1]
+            raise ValueError(f"space: {len(bad)} of {len(combos)} combinations give no valid schedule, "
+                             f"e.g. {c}: {reason}"
+                             + ("" if self.skip_invalid else " (skip_invalid: true skips them)"))
         return self
+
+    def invalid(self, sample: dict[str, Any]) -> str | None:
+        """Why ``sample`` gives no valid schedule, in one line (None when it does)."""
+        try:
+            self.schedule(sample)
+        except ValueError as e:
+            return str(e).split(" gives an invalid schedule: ", 1)[-1]
+        return None
 
     def schedule(self, sample: dict[str, Any], name: str | None = None) -> ScheduleConfig:
         """The base schedule with ``sample`` (dotted keys) applied, validated."""
@@ -116,8 +146,8 @@ class SweepConfig(BaseModel):
             raw["name"] = name
         try:
             return ScheduleConfig.model_validate(raw)
-        except ValueError as e:
-            raise ValueError(f"space: a sample {sample} gives an invalid schedule: {e}") from None
+        except ValidationError as e:
+            raise ValueError(f"space: a sample {sample} gives an invalid schedule: {_reason(e)}") from None
 
 
 def _with_absolute_paths(sweep: SweepConfig) -> SweepConfig:
@@ -132,9 +162,26 @@ def _with_absolute_paths(sweep: SweepConfig) -> SweepConfig:
     return sweep.model_copy(update={"base": base})
 
 
+def _reason(e: ValidationError) -> str:
+    """A schedule's validation errors in one line: ``field: message; ...``."""
+    return "; ".join((".".join(map(str, err["loc"])) + ": " if err["loc"] else "")
+                     + err["msg"].removeprefix("Value error, ") for err in e.errors())
+
+
 def _example(spec: dict) -> Any:
     (dist, args), = spec.items()
     return args[0]
+
+
+def _finite_samples(space: dict[str, dict], limit: int = 512) -> list[dict[str, Any]]:
+    """Every combination of the grid and choice values (the other keys at their first bound), up to
+    ``limit`` of them: what the sweep checks before it starts."""
+    import itertools
+
+    keys = list(space)
+    values = [args if dist in ("grid", "choice") else [args[0]]
+              for key in keys for dist, args in space[key].items()]
+    return [dict(zip(keys, c, strict=True)) for c in itertools.islice(itertools.product(*values), limit)]
 
 
 def _tune_space(space: dict[str, dict]) -> dict:
@@ -158,6 +205,10 @@ def _trial(config: dict) -> None:
     sweep = SweepConfig.model_validate(config["_sweep"])
     trial_id = tune.get_context().get_trial_id()
     sample = {k.replace("__", "."): v for k, v in config.items() if not k.startswith("_")}
+    if sweep.skip_invalid and (reason := sweep.invalid(sample)):
+        print(f"skipped: {reason}")
+        tune.report({"skipped": reason, "done_schedule": True})
+        return
     # named by the trial's place in the (seeded) sample order, not by Tune's per-run id: a rerun
     # of the sweep finds each trial's schedule, finished levels and MLflow runs again
     cfg = sweep.schedule(sample, name=f"{sweep.name}-{trial_id.rsplit('_', 1)[-1]}")
@@ -245,7 +296,8 @@ def _run_sweep(sweep: SweepConfig, storage: Path, log) -> dict:
                           if sweep.target is not None else {}),
                        "fine_equiv_epochs": m.get("fine_equiv_epochs"),
                        "train_seconds": m.get("train_seconds"),
-                       "error": _last_line(r.error) if r.error else None,
+                       "error": _last_line(r.error) if r.error else (
+                           f"skipped: {m['skipped']}" if m.get("skipped") else None),
                        "mlflow_run_id": m.get("mlflow_run_id")})
     done = [t for t in trials if t["final_val_accuracy"] is not None and t[sweep.metric] is not None]
     if not done:

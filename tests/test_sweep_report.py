@@ -17,10 +17,10 @@ BASE = {"name": "b", "kind": "single",
         "model": {"channels": 4, "classes": 4}, "levels": [{"n": 8, "steps": 1, "epochs": 1}]}
 
 
-def _sweep(tmp_path, space):
+def _sweep(tmp_path, space, **fields):
     return SweepConfig.model_validate({
         "name": "tiny", "storage_path": str(tmp_path / "sweeps"), "experiment": "sw",
-        "base": BASE | {"pyramid_root": str(tmp_path / "pyr")}, "space": space,
+        "base": BASE | {"pyramid_root": str(tmp_path / "pyr")}, "space": space, **fields,
     })
 
 
@@ -221,6 +221,45 @@ def test_invalid_search_space_names_the_key(tmp_path):
         _sweep(tmp_path, {"levels.0.optim.lrr": {"grid": [0.1]}})
     with pytest.raises(ValueError, match=r"levels\.7\.epochs"):
         _sweep(tmp_path, {"levels.7.epochs": {"grid": [1]}})
+
+
+SINGLE = [{"n": 8, "steps": 1, "epochs": 1}]
+DILATING = [{"n": 8, "steps": 1, "epochs": 1}, {"n": 16, "steps": 1, "epochs": 1, "dilate": True}]
+
+
+def test_a_combination_that_gives_no_schedule_is_refused_unless_skipped(tmp_path):
+    """Each value is valid alone; together (a dilating handover with Gaussian stencils) they are
+    not. The sweep names the combination and the reason, or with skip_invalid accepts the space
+    and says which samples it will skip; a space with nothing valid is refused either way."""
+    space = {"model.stencil": {"grid": ["free", "gaussian"]}, "levels": {"grid": [SINGLE, DILATING]}}
+    with pytest.raises(ValueError, match=r"space: 1 of 4 combinations give no valid schedule, e\.g\. "
+                       r"\{'model\.stencil': 'gaussian', 'levels': .*'dilate': True.*\}: levels\.1\.dilate: "
+                       r"moves free stencils; model\.stencil 'gaussian'.*\(skip_invalid: true skips them\)"):
+        _sweep(tmp_path, space)
+    sweep = _sweep(tmp_path, space, skip_invalid=True)
+    assert sweep.invalid({"model.stencil": "free", "levels": DILATING}) is None
+    assert sweep.invalid({"model.stencil": "gaussian", "levels": SINGLE}) is None
+    assert sweep.invalid({"model.stencil": "gaussian", "levels": DILATING}).startswith(
+        "levels.1.dilate: moves free stencils")
+    with pytest.raises(ValueError, match=r"space: 1 of 1 combinations give no valid schedule"):
+        _sweep(tmp_path, {"model.stencil": {"grid": ["gaussian"]}, "levels": {"grid": [DILATING]}},
+               skip_invalid=True)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_skips_the_samples_that_give_no_schedule(local_ray, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    sweep = _sweep(tmp_path, {"model.stencil": {"grid": ["gaussian"]},
+                              "levels": {"grid": [SINGLE, DILATING]}}, skip_invalid=True)
+    res = run_sweep(sweep, log=lambda s: None)
+    by_levels = {len(t["space.levels"]): t for t in res["trials"]}
+    assert by_levels[1]["error"] is None and by_levels[1]["final_val_accuracy"] is not None
+    assert by_levels[2]["error"].startswith("skipped: levels.1.dilate: moves free stencils")
+    assert by_levels[2]["final_val_accuracy"] is None and by_levels[2]["mlflow_run_id"] is None
+    assert res["best"] is by_levels[1]
+    table = (tmp_path / "sweeps" / "tiny.trials.md").read_text()
+    assert "skipped: levels.1.dilate" in table
 
 
 def test_speedup_against_the_single_scale_baseline():
