@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, nargs=3, default=[8, 4, 6],
                     metavar=("SINGLE", "COARSE", "FINE_AFTER"))
     ap.add_argument("--targets", type=float, nargs="+", default=[0.97, 0.98, 0.99])
+    ap.add_argument("--two-level", nargs="+", default=[], metavar="COARSE:FINE",
+                    help="more 2-level plans in the same alternation, each with its own epochs at "
+                         "the coarse and the fine grid (e.g. 4:2)")
     ap.add_argument("--transfer", choices=["galerkin", "naive", "dilate"], default="galerkin",
                     help="how free stencils move to the finer grid (dilate: to_resolution(dilate=True),"
                          " the fine network keeps the coarse taps' physical offsets)")
@@ -190,8 +193,14 @@ def main(argv: list[str] | None = None) -> None:
     plans = {f"1 level ({f})": [(f, single)],
              f"2 levels ({h}, {f})": [(h, coarse), (f, after)],
              f"3 levels ({q}, {h}, {f})": [(q, coarse), (h, coarse), (f, after)]}
+    for spec in args.two_level:
+        try:
+            c_ep, f_ep = (int(v) for v in spec.split(":"))
+        except ValueError:
+            raise SystemExit(f"--two-level {spec!r}: expected COARSE:FINE epochs, e.g. 4:2") from None
+        plans[f"2 levels ({h}, {f}) {c_ep}+{f_ep} epochs"] = [(h, c_ep), (f, f_ep)]
     plans = {f"{k}, {st}{', prefilter' if pf else ''}": (st, v, pf, None) for st in args.stencils
-             for k, v in plans.items() if int(k[0]) in args.plans
+             for k, v in plans.items() if int(k[0]) in args.plans or "epochs" in k
              for pf in (args.prefilter if int(k[0]) > 1 else [0])}
     if args.mge:  # one more plan per stencil kind: the single level's steps by MGE
         plans |= {f"1 level ({f}), {st}, mge {'/'.join(map(str, args.mge))}": (st, [(f, single)], 0, args.mge)
@@ -234,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {}
     for r in rows:
         key = r["name"].split(" (")[0].replace(" ", "_") + "." + r["name"].split(", ")[-1]
+        if m := re.search(r"(\d+)\+(\d+) epochs", r["name"]):  # a --two-level plan
+            key += f".{m[1]}+{m[2]}_epochs"
         key = re.sub(r"[^A-Za-z0-9_.\- /:]", "", key)  # MLflow's metric names
         metrics[f"{key}.final_val_acc"] = r["final"]
         metrics[f"{key}.train_seconds"] = r["seconds"]

@@ -8,11 +8,13 @@ start and teardown, no data), the same with the materialised datasets, and a who
 through ``run_schedule`` (with the epoch's own time, training and validation, as the stage
 reports it). Printed only (a profile, not a result to compare).
 
-    python benchmarks/stage_fixed_cost.py --compare [--repeats 3]
+    python benchmarks/stage_fixed_cost.py --compare [--what extras|readers] [--repeats 3]
 
 Alternates whole 1-epoch demo stages (each in a fresh subprocess with its own local Ray) under
-settings that cut fixed cost: how the worker gets the level (``scaling.reader``: Ray Data,
-materialised by the driver, or the worker's own pyarrow read into its cache). Reports the stage's
+settings that cut fixed cost: ``--what readers``: how the worker gets the level
+(``scaling.reader``: Ray Data, materialised by the driver, or the worker's own pyarrow read into its
+cache); ``--what extras``: Ray Train's preemption watcher and metrics callbacks on (Ray's default)
+or off (``scaling.train_extras``), both with the worker reader. Reports the stage's
 wall-clock outside the epoch and its phases (``pipelines.stage.stage_phases``), median [min-max]
 per setting, and the paired ratios. (Session 7 compared Ray Train's controller poll interval,
 ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, the same way: inconclusive, not adopted.)
@@ -29,13 +31,16 @@ from common import ROOT
 
 # (not compared: materialize_data false with this 1 worker x 2 CPUs on 2 CPUs hangs, the stage's
 # streaming reads find no CPU left; that is why the default materialises)
-SETTINGS = {"reader ray_data (materialised)": ("2.0", "ray_data"),
-            "reader worker (pyarrow into the cache)": ("2.0", "worker")}
+COMPARISONS = {  # --what: the scaling settings compared, the first is the reference
+    "readers": {"reader ray_data (materialised)": {"reader": "ray_data"},
+                "reader worker (pyarrow into the cache)": {"reader": "worker"}},
+    "extras": {"Train extras on (Ray's default)": {"reader": "worker", "train_extras": "on"},
+               "Train extras off": {"reader": "worker", "train_extras": "off"}},
+}
 
 
-def _child(poll: str, reader: str) -> dict:
-    """One 1-epoch demo stage in this process (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` already set
-    by the parent, so the local Ray's controller reads it)."""
+def _child(scaling: dict) -> dict:
+    """One 1-epoch demo stage in this process, with its own local Ray and ``scaling`` settings."""
     import ray
 
     from pipelines.config import ScheduleConfig, load_config
@@ -46,7 +51,7 @@ def _child(poll: str, reader: str) -> dict:
     cfg = load_config(ROOT / "configs" / "demo_single.yaml", ScheduleConfig, {
         "name": "fixed", "storage_path": str(tmp / "runs"), "experiment": "mscnn-benchmarks",
         "levels": [{"n": 28, "steps": 2, "epochs": 1, "optim": {"lr": 0.01}}],
-        "scaling": {"num_workers": 1, "cpus_per_worker": 2, "reader": reader}})
+        "scaling": {"num_workers": 1, "cpus_per_worker": 2, **scaling}})
     from pipelines.pyramid import build_pyramid
 
     build_pyramid(cfg.pyramid, Path(cfg.pyramid_root).resolve())
@@ -59,7 +64,7 @@ def _child(poll: str, reader: str) -> dict:
             "phases": res["stages"][0]["phases"]}
 
 
-def compare(repeats: int) -> None:
+def compare(repeats: int, what: str) -> None:
     import json
     import os
     import statistics
@@ -68,10 +73,11 @@ def compare(repeats: int) -> None:
 
     from common import alternate, fmt_ratio, paired_ratio
 
-    def run(poll: str, reader: str):
+    settings = COMPARISONS[what]
+
+    def run(scaling: dict):
         def go() -> dict:
-            env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": poll}
-            out = subprocess.run([sys.executable, __file__, "--child", poll, reader], env=env,
+            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(scaling)],
                                  capture_output=True, text=True, timeout=400)
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
@@ -79,7 +85,7 @@ def compare(repeats: int) -> None:
             return json.loads(line[7:])
         return go
 
-    runs = alternate({k: run(*v) for k, v in SETTINGS.items()}, repeats)
+    runs = alternate({k: run(v) for k, v in settings.items()}, repeats)
     print(f"\n1-epoch demo stage (28x28, 1 worker x 2 CPUs), {repeats} alternating rounds, "
           f"load average {os.getloadavg()[0]:.1f}; seconds median [min-max]")
     print("| setting | stage s | epoch s | outside the epoch s |")
@@ -97,8 +103,8 @@ def compare(repeats: int) -> None:
         print(f"| {k} | " + " | ".join(
             f"{statistics.median(v):.1f} [{min(v):.1f}-{max(v):.1f}]"
             for v in ([r["phases"][ph] for r in rs] for ph in phases)) + " |")
-    base = [r["outside_epoch_s"] for r in runs[next(iter(SETTINGS))]]
-    for k in list(SETTINGS)[1:]:
+    base = [r["outside_epoch_s"] for r in runs[next(iter(settings))]]
+    for k in list(settings)[1:]:
         print(f"- fixed cost, default / {k}: "
               f"{fmt_ratio(paired_ratio(base, [r['outside_epoch_s'] for r in runs[k]]))}")
 
@@ -107,15 +113,17 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--compare", action="store_true")
-    ap.add_argument("--child", nargs=2, metavar=("POLL", "READER"))
+    ap.add_argument("--what", choices=sorted(COMPARISONS), default="extras",
+                    help="--compare: which scaling settings alternate")
+    ap.add_argument("--child", metavar="SCALING_JSON")
     args = ap.parse_args(argv)
     if args.child:
         import json
 
-        print("RESULT " + json.dumps(_child(*args.child)), flush=True)
+        print("RESULT " + json.dumps(_child(json.loads(args.child))), flush=True)
         return
     if args.compare:
-        compare(args.repeats)
+        compare(args.repeats, args.what)
         return
     import ray
     from ray.train import RunConfig, ScalingConfig

@@ -12,6 +12,7 @@ so a worker on another node needs no route to the tracking server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -443,6 +444,34 @@ def resolve_gpu(scaling: dict, poll_s: float = 5.0, log: Callable[[str], None] =
                      "in the autoscaler's config?)")
 
 
+# Ray Train V2 (2.60) reads these in the driver (metrics) and propagates the watcher's flag to its
+# controller (ENV_VARS_TO_PROPAGATE)
+TRAIN_EXTRAS_ENV = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED")
+
+
+@contextlib.contextmanager
+def train_extras_env(setting: str, nodes: int | None = None):
+    """While a stage's ``fit`` runs: Ray Train's preemption watcher and metrics callbacks on or off
+    (``scaling.train_extras``; ``auto``: off when the Ray cluster has one alive node, ``nodes``
+    counted when not given). Yields whether they are on. A variable the user set wins."""
+    if setting == "auto":
+        if nodes is None:
+            import ray
+
+            nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        setting = "on" if nodes > 1 else "off"
+    saved = {k: os.environ.get(k) for k in TRAIN_EXTRAS_ENV}
+    for k in TRAIN_EXTRAS_ENV:
+        if saved[k] is None:
+            os.environ[k] = "1" if setting == "on" else "0"
+    try:
+        yield setting == "on"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
 def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
               max_failures: int, mlflow: dict | None, materialize: bool = True,
               callbacks: list | None = None, progress: Callable[[dict], None] | None = None,
@@ -501,9 +530,10 @@ def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
     )
     stamps["fit_start"] = time.time()
     try:
-        if not progress:
-            return trainer.fit()
-        return _fit_with_progress(trainer, progress_file, progress)
+        with train_extras_env(scaling.get("train_extras", "auto")):
+            if not progress:
+                return trainer.fit()
+            return _fit_with_progress(trainer, progress_file, progress)
     finally:
         stamps["fit_end"] = time.time()
         if progress_file:

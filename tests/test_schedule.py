@@ -219,6 +219,30 @@ def test_depth_schedule_doubles_steps(local_ray, tmp_path, mlflow_uri):
     assert [s["steps"] for s in res["stages"]] == [[1], [2]]
 
 
+def _watchers() -> int:
+    """Ray Train preemption watcher actors created in this Ray session so far (alive or dead)."""
+    import ray
+
+    return sum(1 for a in ray._private.state.actors().values()
+               if a["ActorClassName"].endswith("PreemptionWatcher"))
+
+
+def test_train_extras_are_off_on_one_node_and_on_when_asked(local_ray, tmp_path, mlflow_uri):
+    """``scaling.train_extras``: on this one-node Ray, ``auto`` starts no preemption watcher
+    actor for the stage; ``on`` starts one (Ray Train's default). The variables are set only
+    around ``fit``."""
+    import os
+
+    for extras, more in (("auto", 0), ("on", 1)):
+        before = _watchers()
+        cfg = _cfg(tmp_path, [{"n": 8, "steps": 1, "epochs": 1}], kind="single", name=f"x-{extras}",
+                   scaling={"num_workers": 1, "train_extras": extras})
+        res = run_schedule(cfg, log=lambda s: None)
+        assert res["stages"][0]["epochs_run"] == 1
+        assert _watchers() - before == more, extras
+        assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
+
+
 def test_worker_failure_mid_stage_is_recovered_without_losing_epochs(local_ray, tmp_path, mlflow_uri):
     """Two DDP workers; rank 1 exits hard once in the third epoch. FailureConfig restarts the
     group from the last checkpoint and the stage reports every epoch exactly once."""

@@ -1,9 +1,10 @@
-"""The stage's worker-local cache of its data shard (``pipelines.stage.ShardCache``)."""
+"""The stage's worker-local cache of its data shard (``pipelines.stage.ShardCache``), how the
+worker gets its level, and the Ray Train extras around a stage (no Ray needed)."""
 
 import pytest
 import torch
 
-from pipelines.stage import ShardCache, worker_reads
+from pipelines.stage import ShardCache, train_extras_env, worker_reads
 
 
 class FakeShard:
@@ -86,3 +87,21 @@ def test_the_reader_is_the_worker_for_levels_that_fit_the_cache_and_ray_data_oth
     assert worker_reads({"reader": "worker", "worker_cache_mb": 0}, man, 0, "/data/p") is True
     with pytest.raises(ValueError, match="reader: worker.*s3://b/p is a URI"):
         worker_reads({"reader": "worker", "worker_cache_mb": 0}, man, 0, "s3://b/p")
+
+
+def test_train_extras_follow_the_setting_and_the_node_count_and_leave_a_users_variable(monkeypatch):
+    import os
+
+    keys = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED")
+    for k in keys:
+        monkeypatch.delenv(k, raising=False)
+    for setting, nodes, want in (("auto", 1, False), ("auto", 3, True), ("on", 1, True),
+                                 ("off", 3, False)):
+        with train_extras_env(setting, nodes=nodes) as on:
+            assert on is want and [os.environ[k] for k in keys] == ["1" if want else "0"] * 2
+        assert not any(k in os.environ for k in keys)
+    monkeypatch.setenv("RAY_TRAIN_METRICS_ENABLED", "1")  # the user's choice wins, and stays
+    with train_extras_env("off", nodes=1):
+        assert os.environ["RAY_TRAIN_METRICS_ENABLED"] == "1"
+        assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert os.environ["RAY_TRAIN_METRICS_ENABLED"] == "1"
