@@ -100,12 +100,17 @@ if __name__ == "__main__":  # log results written where MLflow was not installed
 
 
 def alternate(paths: dict, repeats: int) -> dict[str, list]:
-    """Run every path (a name -> zero-argument callable) once per round, in the same order each
-    round (A B A B ...), ``repeats`` rounds: machine noise falls on all of them alike. Returns each
-    path's results in round order."""
+    """Run every path (a name -> zero-argument callable) once per round, ``repeats`` rounds (A B A
+    B ...): machine noise falls on all of them alike. Each round starts one path later (A B C, B C
+    A, C A B, ...; two paths: A B, B A, A B), so no path always runs first: what the path before
+    leaves behind (Ray actors still exiting, a warm cache) does not always fall on the same one.
+    Returns each path's results in round order."""
     out: dict[str, list] = {name: [] for name in paths}
+    names = list(paths)
     for r in range(repeats):
-        for name, run in paths.items():
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            run = paths[name]
             print(f"round {r + 1}/{repeats}: {name}", flush=True)
             out[name].append(run())
     return out

@@ -41,6 +41,8 @@ from mscnn.transfer import prolong_image, prolong_stencil, restrict_image, restr
 
 __all__ = [
     "LAYER_GROUPS",
+    "RESTRICTION_VARIANCE",
+    "handover_sigma",
     "interpolate_in_time",
     "levels_between",
     "prefiltered_blur",
@@ -79,6 +81,27 @@ def pyramid_blur(n_from: int, n_to: int, sigma_px: float = 1.0) -> float:
     k = levels_between(n_from, n_to)
     fine = max(n_from, n_to)
     return math.sqrt(sum((sigma_px / (fine >> j)) ** 2 for j in range(abs(k))))
+
+
+# the variance, in fine-grid pixels^2 per axis, of a restriction's own smoothing: full weighting's
+# [1, 2, 1] / 4 and the average pair's [1, 1] / 2
+RESTRICTION_VARIANCE = {"full-weighting": 0.5, "average": 0.25}
+
+
+def handover_sigma(sigma_px: float, pair: str) -> float:
+    """The Gaussian (in fine pixels) that takes a fine image to the bandwidth of the coarse images a
+    pyramid step makes (``restrict(blur(x, sigma_px), pair)``): the pyramid's blur and the
+    restriction's own smoothing, in quadrature. As a dilating handover's prefilter it makes every
+    sub-grid of the moved network's input close to the coarse images its network was trained on
+    (``benchmarks/handover_prefilter.py``).
+
+    >>> round(handover_sigma(1.0, "full-weighting"), 4), handover_sigma(0.0, "average")
+    (1.2247, 0.5)
+    """
+    if pair not in RESTRICTION_VARIANCE:
+        raise ValueError(f"handover_sigma: unknown pair {pair!r}; expected one of "
+                         f"{sorted(RESTRICTION_VARIANCE)}")
+    return math.sqrt(sigma_px**2 + RESTRICTION_VARIANCE[pair])
 
 
 def prefiltered_blur(input_blur: float, n_from: int, n_to: int, prefilter: float) -> float:

@@ -231,9 +231,10 @@ class ScalingModel(_Strict):
     reader: Literal["auto", "ray_data", "worker"] = "auto"
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Ray Train V2's extras around each stage: its preemption watcher (one more actor per stage,
-    # polling the nodes' drain state) and its Prometheus metrics callbacks. auto: off on a one-node
-    # Ray (nothing to preempt; pipelines.stage.train_extras_env), on for a cluster of several nodes
-    train_extras: Literal["auto", "on", "off"] = "auto"
+    # polling the nodes' drain state) and its Prometheus metrics callbacks. on: Ray's default; auto:
+    # off on a one-node Ray (nothing to preempt; pipelines.stage.train_extras_env), on for a cluster
+    # of several nodes. Measured on 2 cores: no difference in a stage's fixed cost (RESULTS.md)
+    train_extras: Literal["auto", "on", "off"] = "on"
 
 
 class ScheduleConfig(_Strict):

@@ -530,7 +530,7 @@ def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
     )
     stamps["fit_start"] = time.time()
     try:
-        with train_extras_env(scaling.get("train_extras", "auto")):
+        with train_extras_env(scaling.get("train_extras", "on")):
             if not progress:
                 return trainer.fit()
             return _fit_with_progress(trainer, progress_file, progress)
