@@ -71,7 +71,7 @@ def run(name: str, plan: list[tuple[int, int]], data: dict, args, stencil: str =
                          input_blur=pyramid_blur(n // dil, n) if dil > 1 else 0.0)
         elif net.n != n:
             net = to_resolution(net, n, naive=args.transfer == "naive", lam=args.lam,
-                                prefilter=1.0 if prefilter else 0.0,
+                                prefilter=args.prefilter_sigma if prefilter else 0.0,
                                 dilate=args.transfer == "dilate" and stencil == "free")
             curve.append({"n": n, "epoch": -1, "seconds": t_train, "fine_equiv": compute,
                           "val_acc": accuracy(net, data[n][1]), "event": "transferred"})
@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="ODENetConfig.stencil of the networks; each plan runs with each")
     ap.add_argument("--prefilter", type=int, nargs="+", choices=[0, 1], default=[0],
                     help="multilevel plans without (0) and/or with (1) the prefiltered handover")
+    ap.add_argument("--prefilter-sigma", type=float, default=1.0,
+                    help="the prefiltered handover's blur in fine pixels (1: the pyramid's sigma, as "
+                         "the pipeline's prefilter; 1.2247: handover_sigma(1, full-weighting))")
     ap.add_argument("--repeats", type=int, default=1, help="alternating repeats of the plans")
     ap.add_argument("--plans", type=int, nargs="+", default=[1, 2, 3], help="level counts to run")
     ap.add_argument("--lam", type=float, default=0.0)
@@ -227,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{f', fine networks dilation {args.dilation}' if args.dilation > 1 else ''}"
             f"{', sub-grid connectives' if args.subgrid_connectives else ''}"
             f"{f', MGE plan batch sizes {args.mge}' if args.mge else ''}"
+            f"{f', prefilter {args.prefilter_sigma:g} px' if args.prefilter_sigma != 1.0 else ''}"
             f"{f' lam={args.lam:g}' if args.lam else ''}, consistent kinds re-discretised, "
             f"seed {args.seed}, {args.repeats} alternating repeat(s) (times: median [min-max]); "
             f"{machine()}; {time.perf_counter() - t0:.0f} s.")
