@@ -1,9 +1,17 @@
 """What Ray costs: a Ray Train stage vs a plain PyTorch loop with the same model, data, threads.
 
     python benchmarks/system_overhead.py [--epochs 3] [--threads 2] [--repeats 3]
+        [--device cpu|cuda] [--pyramid pyramid_mnist.yaml] [--paths worker plain ...]
+        [--config imagenet10_resnet.yaml --n 224]
 
 The data are level 0 (28x28) of the demo pyramid (``configs/pyramid_mnist_demo.yaml``, 8,000
-training images; built if missing). The Ray side is ``pipelines.schedule.run_schedule`` of
+training images; built if missing; ``--pyramid`` another, e.g. all of MNIST). With ``--device
+cuda`` (the GPU machine, ``benchmarks/gpu/ray_stage.sh``) the stage runs with ``use_gpu: true``
+and the plain loop holds the level on the GPU, as the stage's worker cache does; ``--paths`` runs
+a subset of the paths (``worker``, ``worker_off``, ``ray_data``, ``in_ray``, ``plain``);
+``--config``/``--n`` take the network, optimiser and batch of another schedule's level (e.g. the
+ResNet-34 at 224), trained as one level; each path's mean GPU utilisation is sampled (NVML) where
+there is a GPU. The Ray side is ``pipelines.schedule.run_schedule`` of
 ``configs/demo_single.yaml`` with one worker holding ``--threads`` CPUs (Ray sets the worker's
 torch threads from it), once with the worker reading the level itself with pyarrow into its tensor
 cache (``scaling.reader: worker``, what ``auto`` picks for a level this size) and once through Ray
@@ -23,10 +31,12 @@ status 3 when a ratio's spread is wider than its effect.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,27 +44,76 @@ import torch
 from common import ROOT, alternate, fmt_ratio, machine, paired_ratio, publish
 
 from mscnn.data import Split
-from mscnn.ode import ODENet
+from mscnn.models import build_model
 from mscnn.train import fit
 
+PATHS = {"worker": "Ray Train stage, worker reads",
+         "worker_off": "Ray Train stage, worker reads, Train extras off",
+         "ray_data": "Ray Train stage, Ray Data",
+         "in_ray": "plain loop in a Ray task (no Ray Train)",
+         "plain": "plain PyTorch loop"}
 
-def _plain_loop(pyramid, scale, model_cfg, epochs: int, batch: int, seed: int, threads: int) -> dict:
-    """``mscnn.train.fit`` on the level's Parquet shards read into memory, ``threads`` torch threads
-    (in this process, or in a Ray task: the same loop with Ray's processes around it)."""
+
+def _plain_loop(pyramid, scale, model_cfg, epochs: int, optim: dict, seed: int, threads: int,
+                device: str = "cpu", level: int = 0) -> dict:
+    """``mscnn.train.fit`` on the level's Parquet shards read into memory (on ``device``),
+    ``threads`` torch threads (in this process, or in a Ray task: the same loop with Ray's
+    processes around it)."""
     from pipelines.pyramid import level_tensors
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    tr = level_tensors(pyramid, 0, "train")
-    tr = Split(tr.x * scale, tr.y)
+    tr = level_tensors(pyramid, level, "train")
+    tr = Split((tr.x * scale).to(device), tr.y.to(device))
     torch.manual_seed(seed)
-    net = ODENet(model_cfg)
+    net = build_model(model_cfg).to(device)
     t1 = time.perf_counter()
-    ph = fit(net, tr, epochs, 0.01, batch, seed)
+    ph = fit(net, tr, epochs, optim["lr"], optim["batch_size"], seed, optimizer=optim["name"],
+             device=device)
+    if device != "cpu":
+        torch.cuda.synchronize()
     total = time.perf_counter() - t0
     count = len(tr.y)
     return {"loop": statistics.median(count / h["seconds"] for h in ph),
             "e2e": count * epochs / total, "seconds": total, "fixed": t1 - t0, "history": ph}
+
+
+def _with_gpu_util(fn, device: str, every_s: float = 0.2):
+    """``fn`` whose result also holds ``gpu_util``: the GPU's mean utilisation (%, NVML, sampled
+    every ``every_s`` from this process: it counts the stage's worker too) while it ran; None on
+    the CPU or without NVML. Each result is printed as it comes (a run cut short keeps them)."""
+    def run() -> dict:
+        out = _sampled()
+        util = "-" if out["gpu_util"] is None else f"{out['gpu_util']:.0f}%"
+        print(f"  loop {out['loop']:,.0f} images/s, end to end {out['e2e']:,.0f} images/s, "
+              f"{out['seconds']:.1f} s, GPU utilisation {util}", flush=True)
+        return out
+
+    def _sampled() -> dict:
+        if device == "cpu":
+            return fn() | {"gpu_util": None}
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        except (ImportError, OSError, RuntimeError) as e:  # NVMLError derives from Exception
+            print(f"no GPU utilisation: {e}", file=sys.stderr)
+            return fn() | {"gpu_util": None}
+        samples, stop = [], threading.Event()
+
+        def sample():
+            while not stop.wait(every_s):
+                samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
+        try:
+            out = fn()
+        finally:
+            stop.set()
+            t.join()
+        return out | {"gpu_util": statistics.mean(samples) if samples else None}
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,24 +121,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="alternating rounds (at least 3)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--pyramid", help="pyramid config of the data (default: the demo schedule's)")
+    ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    ap.add_argument("--config", default="demo_single.yaml", help="schedule whose level is trained")
+    ap.add_argument("--n", type=int, help="that level's resolution (default: the schedule's last)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
+    if "plain" not in args.paths:
+        ap.error("--paths: the ratios need the plain loop ('plain')")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device")
 
     import ray
 
     from pipelines.config import ScheduleConfig, load_config
-    from pipelines.pyramid import build_pyramid, input_scale, read_manifest
+    from pipelines.pyramid import build_pyramid, input_scale, level_for, read_manifest
     from pipelines.schedule import run_schedule
 
     tmp = Path(tempfile.mkdtemp(prefix="mscnn-overhead-"))
 
+    src = load_config(ROOT / "configs" / args.config, ScheduleConfig,
+                      {"pyramid": args.pyramid} if args.pyramid else {})
+    lv = next((x for x in src.levels if x.n == args.n), None) if args.n else src.levels[-1]
+    if lv is None:
+        ap.error(f"--n {args.n}: {args.config} has no level at n={args.n}")
+    one = {"n": lv.n, "epochs": args.epochs, "optim": lv.optim.model_dump()}
+    if src.model.arch == "odenet":
+        one["steps"] = lv.steps
+
     def cfg_for(tag: str, reader: str, extras: str = "on"):
-        return load_config(ROOT / "configs" / "demo_single.yaml", ScheduleConfig, {
-            "name": f"overhead-{tag}", "storage_path": str(tmp / "runs"),
-            "experiment": "mscnn-benchmarks", "levels": [{"n": 28, "steps": 2, "epochs": args.epochs,
-                                                          "optim": {"lr": 0.01}}],
-            "scaling": {"num_workers": 1, "cpus_per_worker": args.threads,
-                        "reader": reader, "train_extras": extras}})
+        return load_config(ROOT / "configs" / args.config, ScheduleConfig, {
+            "name": f"overhead-{tag}", "storage_path": str(tmp / "runs"), "kind": "single",
+            "experiment": "mscnn-benchmarks", "levels": [one],
+            **({"pyramid": args.pyramid} if args.pyramid else {}),
+            "scaling": {"num_workers": 1, "cpus_per_worker": args.threads, "reader": reader,
+                        "train_extras": extras, "use_gpu": args.device == "cuda"}})
 
     base = cfg_for("x", "auto")
     t0 = time.perf_counter()
@@ -106,27 +183,31 @@ def main(argv: list[str] | None = None) -> int:
                     "fixed": total - hist[-1]["stage_seconds"], "history": hist}
         return run
 
-    job = (pyramid, scale, base.model_config_for(0), args.epochs, base.levels[0].optim.batch_size,
-           base.seed, args.threads)
-    in_ray = ray.remote(num_cpus=args.threads)(_plain_loop)
-
-    runs = alternate({"Ray Train stage, worker reads": ray_path("worker"),
-                      "Ray Train stage, worker reads, Train extras off": ray_path("worker", "off"),
-                      "Ray Train stage, Ray Data": ray_path("ray_data"),
-                      "plain loop in a Ray task (no Ray Train)": lambda: ray.get(in_ray.remote(*job)),
-                      "plain PyTorch loop": lambda: _plain_loop(*job)}, args.repeats)
+    level = level_for(m, lv.n, "--n")
+    job = (pyramid, scale, base.model_config_for(0), args.epochs, lv.optim.model_dump(),
+           base.seed, args.threads, args.device, level)
+    in_ray = ray.remote(num_cpus=args.threads, num_gpus=int(args.device == "cuda"))(_plain_loop)
+    paths = {"worker": ray_path("worker"), "worker_off": ray_path("worker", "off"),
+             "ray_data": ray_path("ray_data"), "in_ray": lambda: ray.get(in_ray.remote(*job)),
+             "plain": lambda: _plain_loop(*job)}
+    runs = alternate({PATHS[k]: _with_gpu_util(paths[k], args.device) for k in PATHS if k in args.paths},
+                     args.repeats)
     ray.shutdown()
     plain_runs = runs["plain PyTorch loop"]
-    head = (f"MNIST 28x28 demo level ({count} training images), ODENet 16 channels 2 steps, batch "
-            f"{base.levels[0].optim.batch_size}, {args.epochs} epochs, {args.threads} threads; "
+    head = (f"{args.config} at {lv.n}x{lv.n} ({base.model.arch}), pyramid {base.pyramid.name} ({count} "
+            f"training images), {lv.optim.name} batch {lv.optim.batch_size}, {args.epochs} epochs, "
+            f"{args.threads} threads, device {args.device}; "
             f"{machine()}; {args.repeats} alternating rounds; ray.init {t_init:.1f} s (not counted). "
             "Each cell: median [min-max] over the rounds.")
     md = [head, "", "| | images/s in the epoch loop | images/s end to end | seconds end to end | "
-          "fixed seconds (not epochs) | loop / plain | end to end / plain |", "|---|---|---|---|---|---|---|"]
+          "fixed seconds (not epochs) | loop / plain | end to end / plain | GPU utilisation % |",
+          "|---|---|---|---|---|---|---|---|"]
     ratios, ok = {}, True
     for name, rs in runs.items():
         def cell(key, pat="{:,.0f}", rs=rs):
-            v = [r[key] for r in rs]
+            v = [r[key] for r in rs if r.get(key) is not None]
+            if not v:
+                return "-"
             return f"{pat.format(statistics.median(v))} [{pat.format(min(v))}-{pat.format(max(v))}]"
         loop_r = paired_ratio([r["loop"] for r in rs], [r["loop"] for r in plain_runs])
         e2e_r = paired_ratio([r["e2e"] for r in rs], [r["e2e"] for r in plain_runs])
@@ -136,19 +217,21 @@ def main(argv: list[str] | None = None) -> int:
             ok = ok and loop_r["conclusive"] and e2e_r["conclusive"]
         md.append(f"| {name} | {cell('loop')} | {cell('e2e')} | {cell('seconds', '{:.1f}')} | "
                   f"{cell('fixed', '{:.1f}')} | {'' if same else fmt_ratio(loop_r)} | "
-                  f"{'' if same else fmt_ratio(e2e_r)} |")
-    w, rd = runs["Ray Train stage, worker reads"], runs["Ray Train stage, Ray Data"]
-    reader = {"e2e": paired_ratio([r["e2e"] for r in w], [r["e2e"] for r in rd]),
-              "fixed": paired_ratio([r["fixed"] for r in rd], [r["fixed"] for r in w])}
-    off = runs["Ray Train stage, worker reads, Train extras off"]
-    extras = {"loop": paired_ratio([r["loop"] for r in off], [r["loop"] for r in w]),
-              "fixed": paired_ratio([r["fixed"] for r in w], [r["fixed"] for r in off])}
-    md += ["", f"Worker reads / Ray Data, end to end: {fmt_ratio(reader['e2e'])}; Ray Data's fixed "
-           f"seconds / the worker's: {fmt_ratio(reader['fixed'])}. Train extras off / on (the "
-           f"default), in the epoch loop: {fmt_ratio(extras['loop'])}; fixed seconds on / off: "
-           f"{fmt_ratio(extras['fixed'])}. Load average (1 min) at the end: "
-           f"{reader['e2e']['load_avg_1m']:.2f}. Every epoch of a stage also validates, checkpoints "
-           "and reports; MLflow is written by the driver-side callback."]
+                  f"{'' if same else fmt_ratio(e2e_r)} | {cell('gpu_util', '{:.0f}')} |")
+    w, rd, off = (runs.get(PATHS[k]) for k in ("worker", "ray_data", "worker_off"))
+    reader = extras = None
+    if w and rd:
+        reader = {"e2e": paired_ratio([r["e2e"] for r in w], [r["e2e"] for r in rd]),
+                  "fixed": paired_ratio([r["fixed"] for r in rd], [r["fixed"] for r in w])}
+        md += ["", f"Worker reads / Ray Data, end to end: {fmt_ratio(reader['e2e'])}; Ray Data's "
+               f"fixed seconds / the worker's: {fmt_ratio(reader['fixed'])}."]
+    if w and off:
+        extras = {"loop": paired_ratio([r["loop"] for r in off], [r["loop"] for r in w]),
+                  "fixed": paired_ratio([r["fixed"] for r in w], [r["fixed"] for r in off])}
+        md += ["", f"Train extras off / on (the default), in the epoch loop: {fmt_ratio(extras['loop'])}; "
+               f"fixed seconds on / off: {fmt_ratio(extras['fixed'])}."]
+    md += ["", f"Load average (1 min) at the end: {os.getloadavg()[0]:.2f}. Every epoch of a stage also "
+           "validates, checkpoints and reports; MLflow is written by the driver-side callback."]
     data = {"args": vars(args), "ray_init_s": t_init, "runs": runs, "ratios": ratios,
             "worker_vs_ray_data": reader, "extras_off_vs_on": extras}
     metrics = {re.sub(r"[^A-Za-z0-9_]+", "_", k.lower()).strip("_") + f"_{a}_ratio": v[a]["median"]

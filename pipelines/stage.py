@@ -83,9 +83,15 @@ def _dist():
 
 
 def _all_reduce(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if _dist():
-        _dist().all_reduce(t)
+    """The sums over every worker. NCCL (GPU workers) reduces only CUDA tensors: found on the
+    first stage run on a GPU, whose validation stopped on 'No backend type associated with device
+    type cpu'."""
+    dist = _dist()
+    if not dist:
+        return list(values)
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
     return t.tolist()
 
 
