@@ -37,7 +37,7 @@ import statistics
 import time
 
 import torch
-from common import ROOT, machine, publish, unit_channels
+from common import ROOT, alternate, fmt_ratio, machine, paired_ratio, publish, unit_channels
 
 from mscnn.data import (
     Split,
@@ -218,10 +218,10 @@ def main(argv: list[str] | None = None) -> None:
             except ValueError as e:
                 raise SystemExit(f"plan {name!r}: {e}") from None
     t0 = time.perf_counter()
-    runs = {name: [] for name in plans}
-    for _ in range(args.repeats):  # A B A B ...: machine noise hits every plan alike
-        for name, (stencil, plan, pf, mge) in plans.items():
-            runs[name].append(run(name, plan, data, args, stencil, bool(pf), mge))
+    # A B A B ..., each round starting one plan later: machine noise hits every plan alike
+    runs = alternate({name: (lambda name=name, st=st, plan=plan, pf=pf, mge=mge:
+                             run(name, plan, data, args, st, bool(pf), mge))
+                      for name, (st, plan, pf, mge) in plans.items()}, args.repeats)
     rows = [_median_row(rs, args.targets) for rs in runs.values()]
     head = (f"{args.data} {size}x{size} ({len(d['train'].y)} training images), ODENet channels "
             f"{args.channels} {args.steps} steps per unit T {args.T:g} {args.activation}, batch "
@@ -244,6 +244,21 @@ def main(argv: list[str] | None = None) -> None:
         moved = "" if r["handover"] is None else f"{100 * r['handover']:.2f}"
         md.append(f"| {r['name']} | {100 * r['final']:.2f} | {100 * r['best']:.2f} | {moved} | "
                   f"{r['seconds']:.0f} | {r['fine_equiv']:.2f} |{hits}")
+    base = next((r for r in rows if r["name"].startswith("1 level") and "mge" not in r["name"]), None)
+    if base is not None and args.repeats > 1:  # wall-clock to each target over the same round's
+        md += ["", f"Per round, wall-clock to each target / `{base['name']}`'s (median [min-max]):", ""]
+        for r in rows:
+            if r is base:
+                continue
+            cells = []
+            for t in args.targets:
+                a, b = r[f"to_{t:g}"], base[f"to_{t:g}"]
+                if a and b:
+                    a["ratio"] = paired_ratio(a["all_seconds"], b["all_seconds"])
+                    cells.append(f"to {100 * t:g}%: {fmt_ratio(a['ratio'])}")
+                else:
+                    cells.append(f"to {100 * t:g}%: no ratio (not reached in every round)")
+            md.append(f"- {r['name']}: " + "; ".join(cells))
     metrics = {}
     for r in rows:
         key = r["name"].split(" (")[0].replace(" ", "_") + "." + r["name"].split(", ")[-1]
@@ -255,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
         for t in args.targets:
             if r[f"to_{t:g}"]:
                 metrics[f"{key}.seconds_to_{t:g}"] = r[f"to_{t:g}"]["seconds"]
+            if r[f"to_{t:g}"] and "ratio" in r[f"to_{t:g}"]:
+                metrics[f"{key}.ratio_to_{t:g}"] = r[f"to_{t:g}"]["ratio"]["median"]
     stem = "multiscale_training_" + ("" if args.data == "mnist" else f"{args.data}{size}_")
     stem += "_".join(st if st != "free" else args.transfer for st in args.stencils)
     stem += "_prefilter" if 1 in args.prefilter else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from pathlib import Path
@@ -173,14 +174,25 @@ class LevelConfig(_Strict):
     naive: bool = False  # to_resolution(naive=True): keep the stencils, move only W
     lam: float = Field(0.0, ge=0)  # regularised stencil prolongation (mscnn.transfer.prolong_stencil)
     galerkin: list[Literal["opening", "units"]] = ["opening", "units"]  # groups given Galerkin stencils
-    # the network moved into this level blurs its input as the pyramid blurred the previous
-    # level's images (ODENetConfig.input_blur; to_resolution(prefilter=pyramid.sigma))
-    prefilter: bool = False
+    # the network moved into this level blurs its input to the bandwidth of the previous level's
+    # images (ODENetConfig.input_blur; to_resolution(prefilter=sigma)): true -> sigma =
+    # mscnn.hierarchy.handover_sigma(pyramid.sigma, pyramid.pair), the pyramid's blur and the
+    # restriction's own smoothing (1.22 px for sigma 1 with full weighting; measured best,
+    # benchmarks/RESULTS.md); a number -> that sigma in pixels (1.0: the pyramid's blur alone, the
+    # meaning of `true` before session 12); false or 0 -> none
+    prefilter: bool | float = False
     # to_resolution(dilate=True): free stencils keep their weights and their physical tap offsets
     # (model.dilation times the grid ratio from here on); the moved network computes what the
     # previous one did on each sub-grid. Combine with prefilter; not with naive or a consistent kind
     dilate: bool = False
     estimator: EstimatorConfig | None = None  # None: the plain gradient of each batch
+
+    @field_validator("prefilter")
+    @classmethod
+    def _prefilter_sigma(cls, v):
+        if not isinstance(v, bool) and not (v >= 0 and math.isfinite(v)):
+            raise ValueError(f"prefilter: {v} is not true, false or a sigma >= 0 in pixels")
+        return v
 
     @model_validator(mode="after")
     def _check_estimator(self) -> LevelConfig:
@@ -332,10 +344,18 @@ class ScheduleConfig(_Strict):
             value = base if fresh else move(value, self.levels[j - 1].n, lv)
         return value
 
+    def prefilter_px(self, lv: LevelConfig) -> float:
+        """The prefilter sigma, in pixels, of the handover into level ``lv`` (0: none)."""
+        from mscnn.hierarchy import handover_sigma
+
+        if lv.prefilter is True:
+            return handover_sigma(self.pyramid.sigma, self.pyramid.pair)
+        return float(lv.prefilter or 0.0)
+
     def _prefiltered(self, blur: float, n_prev: int, lv: LevelConfig) -> float:
         from mscnn.hierarchy import prefiltered_blur
 
-        return prefiltered_blur(blur, n_prev, lv.n, self.pyramid.sigma) if lv.prefilter else blur
+        return prefiltered_blur(blur, n_prev, lv.n, self.prefilter_px(lv))
 
     def config_hash(self) -> str:
         import hashlib
@@ -347,6 +367,8 @@ class ScheduleConfig(_Strict):
         # fields added later leave the hash of a schedule that does not use them unchanged
         omit_later(d["model"], {"input_blur": 0.0, "dilation": 1, "subgrid_connectives": False})
         for lv in d["levels"]:
+            if lv.get("prefilter") is True:  # its sigma changed in session 12: not resumed as before
+                lv["prefilter"] = "handover_sigma"
             omit_later(lv, {"prefilter": False, "dilate": False})
             omit_later(lv["estimator"] or {}, {"move": "galerkin"})
         d["pyramid"] = {**self.pyramid.identity(), "name": self.pyramid.name}

@@ -10,7 +10,7 @@ import torch
 
 from mscnn.checkpoint import load_checkpoint
 from mscnn.data import Split
-from mscnn.hierarchy import to_resolution
+from mscnn.hierarchy import handover_sigma, to_resolution
 from mscnn.ode import ODENet
 from mscnn.train import accuracy
 from pipelines.pyramid import input_scale, level_for, level_tensors, read_manifest
@@ -46,7 +46,8 @@ def evaluate_checkpoints(fine: str | os.PathLike, coarse: str | os.PathLike,
     fine_eval, coarse_eval = data(fine_m, f"fine checkpoint {fine}"), data(coarse_m, f"coarse {coarse}")
     rows = []
     for pair in pairs or [man["pair"]]:
-        rows += transfer_rows(fine_m, coarse_m, fine_eval, coarse_eval, pair, man.get("sigma", 0.0))
+        rows += transfer_rows(fine_m, coarse_m, fine_eval, coarse_eval, pair,
+                              handover_sigma(man["sigma"], man["pair"]) if man.get("sigma") else 0.0)
     if experiment:
         tr = Tracker(experiment)
         run = tr.start_run(f"evaluate-{fine_m.n}-{coarse_m.n}",
@@ -66,7 +67,8 @@ def transfer_rows(fine: ODENet, coarse: ODENet, fine_eval: Split, coarse_eval: S
     """Native accuracy of both networks, and each moved to the other's resolution with Galerkin
     stencils and naively (``pair`` for both stencils and ``W``); networks with scale-consistent
     stencils (``stencil`` other than ``free``) are re-discretised, one row ``consistent`` per
-    direction. With the pyramid's blur ``sigma`` (pixels), every coarse -> fine move also
+    direction. With a prefilter ``sigma`` (pixels; ``evaluate`` passes the pyramid's
+    ``handover_sigma``: its blur and its restriction's smoothing), every coarse -> fine move also
     prefiltered (``<method>-prefilter``: ``to_resolution(prefilter=sigma)``), and fine -> coarse
     too when the fine network carries an input blur (which that move takes off). A free coarse
     network also moves up by ``dilate`` (its stencils' taps kept at their physical offsets), and

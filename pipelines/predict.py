@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from mscnn.checkpoint import load_checkpoint
-from mscnn.hierarchy import to_resolution
+from mscnn.hierarchy import handover_sigma, to_resolution
 from mscnn.ode import ODENet
 from mscnn.transfer import pyramid_step
 
@@ -106,22 +106,24 @@ def to_images(model: torch.nn.Module, x: torch.Tensor, data: dict, method: str =
         for _ in range(k):
             x = pyramid_step(x, data.get("sigma", 1.0), data.get("pair", "full-weighting"))
         return model, x * scale, f"images coarsened {n_img} -> {n_net} (blur + restriction, as the pyramid)"
-    moved, how = _moved(model, n_img, k, data.get("sigma", 1.0))
+    moved, how = _moved(model, n_img, k, data.get("sigma", 1.0), data.get("pair", "full-weighting"))
     return moved, x * scale, f"network moved {n_net} -> {n_img} ({how})"
 
 
-def _moved(model: torch.nn.Module, n: int, k: int, sigma: float = 1.0):
+def _moved(model: torch.nn.Module, n: int, k: int, sigma: float = 1.0, pair: str = "full-weighting"):
     """``(network for n x n images, how)``, ``n = model.config.n * 2**k``: scale-consistent
     stencils re-discretised; free ones dilated on the way to a finer grid (and a dilated network's
     undilated on the way back), else kept (measured at least as good as Galerkin moving down);
-    prefiltered with the pyramid's ``sigma`` (a finer grid sees the bandwidth the network was
-    trained at; measured best in benchmarks/RESULTS.md), a ResNet through ``resnet_to_resolution``."""
+    prefiltered by ``handover_sigma(sigma, pair)`` of the pyramid (a finer grid sees the bandwidth
+    the network was trained at; measured best in benchmarks/RESULTS.md), a ResNet through
+    ``resnet_to_resolution``."""
     if isinstance(model, ODENet):
         free = model.config.stencil == "free"
         dilate = free and model.config.dilation * 2.0**k >= 1
-        moved = to_resolution(model, n, naive=free, prefilter=sigma, dilate=dilate).eval()
+        px = handover_sigma(sigma, pair)
+        moved = to_resolution(model, n, naive=free, prefilter=px, dilate=dilate).eval()
         how = "stencils dilated" if dilate else "stencils kept" if free else "re-discretised"
-        return moved, how + f", prefilter {sigma:g} px"
+        return moved, how + f", prefilter {px:.3g} px"
     from mscnn.resnet import resnet_to_resolution
 
     return resnet_to_resolution(model, k).eval(), "Galerkin"
@@ -158,7 +160,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike, n: int | None 
         k = _ratio(n, model.config.n)
         if k is None:
             raise ValueError(f"--n {n}: not {model.config.n} times a power of 2")
-        model, _ = _moved(model, n, k, _data(lineage, checkpoint).get("sigma", 1.0))
+        data = _data(lineage, checkpoint)
+        model, _ = _moved(model, n, k, data.get("sigma", 1.0), data.get("pair", "full-weighting"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     size = model.config.n

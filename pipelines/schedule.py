@@ -65,7 +65,7 @@ def _transfer(prev: nn.Module, cfg: ScheduleConfig, i: int) -> tuple[nn.Module, 
     lv = cfg.levels[i]
     try:
         return handover(prev, cfg.model_config_for(i), naive=lv.naive, lam=lv.lam, galerkin=lv.galerkin,
-                        prefilter=cfg.pyramid.sigma if lv.prefilter else 0.0, dilate=lv.dilate)
+                        prefilter=cfg.prefilter_px(lv), dilate=lv.dilate)
     except ValueError as e:
         raise ValueError(f"levels.{i}.{e}") from None
 

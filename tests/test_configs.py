@@ -63,9 +63,19 @@ def test_a_prefiltered_level_declares_the_input_blur_its_handover_gives():
         {"n": 4}, {"n": 8, "prefilter": True}, {"n": 16, "prefilter": True}, {"n": 8, "prefilter": True},
         {"n": 16, "init": "random"}]})
     blurs = [cfg.model_config_for(i).input_blur for i in range(5)]
-    assert blurs[0] == 0.0 and blurs[1] == pytest.approx(2 / 8)
-    assert blurs[2] == pytest.approx((4 / 64 + 4 / 256) ** 0.5)  # 2 px at 8, then 2 px at 16
-    assert blurs[3] == pytest.approx(2 / 8) and blurs[4] == 0.0  # taken off going down; fresh start
+    # `true`: the pyramid's 2 px and full weighting's own [1, 2, 1] / 4 (variance 0.5 px^2)
+    s2 = 2.0**2 + 0.5
+    assert blurs[0] == 0.0 and blurs[1] == pytest.approx((s2 / 64) ** 0.5)
+    assert blurs[2] == pytest.approx((s2 / 64 + s2 / 256) ** 0.5)  # 2.12 px at 8, then at 16
+    assert blurs[3] == pytest.approx((s2 / 64) ** 0.5) and blurs[4] == 0.0  # taken off going down; fresh
+    # a number is the sigma in pixels: 2.0 is the pyramid's blur alone (what `true` meant before)
+    two = ScheduleConfig.model_validate(base | {"levels": [{"n": 4}, {"n": 8, "prefilter": 2.0}]})
+    assert two.model_config_for(1).input_blur == pytest.approx(2 / 8)
+    assert cfg.config_hash() != ScheduleConfig.model_validate(base | {"levels": [
+        {"n": 4}, {"n": 8, "prefilter": 2.0}, {"n": 16, "prefilter": 2.0}, {"n": 8, "prefilter": 2.0},
+        {"n": 16, "init": "random"}]}).config_hash()
+    with pytest.raises(ValueError, match=r"levels\.1\.prefilter\n.*-1\.0 is not true, false or a sigma"):
+        ScheduleConfig.model_validate(base | {"levels": [{"n": 4}, {"n": 8, "prefilter": -1}]})
 
 
 def test_a_dilating_level_declares_its_dilation_and_hands_over_the_sub_grid_network():
@@ -88,8 +98,8 @@ def test_a_dilating_level_declares_its_dilation_and_hands_over_the_sub_grid_netw
     torch.manual_seed(0)
     coarse = ODENet(cfg.model_config_for(1).replace(n=8, dilation=1))
     moved, done = _transfer(coarse, cfg, 2)
-    want = to_resolution(coarse, 16, prefilter=cfg.pyramid.sigma, dilate=True)
-    assert done == ["to_resolution(16, dilate, prefilter=1)"]
+    want = to_resolution(coarse, 16, prefilter=1.5**0.5, dilate=True)  # handover_sigma(1, full weighting)
+    assert done == ["to_resolution(16, dilate, prefilter=1.22474)"]
     assert moved.config == want.config == cfg.model_config_for(2).replace(dilation=2)
     assert torch.equal(moved.units[0].K, coarse.units[0].K)
     x = torch.randn(2, 1, 16, 16)

@@ -59,17 +59,18 @@ def test_predict_at_the_network_resolution_finer_and_coarser(net_ckpt, tmp_path)
     rows = predict(ckpt, paths, top=3)
     p = _expect(to_resolution(net, 4, naive=True), 2.0 * x)
     assert [r["probability"] for r in rows] == pytest.approx(p.max(1).values.tolist(), abs=1e-6)
-    assert rows[0]["how"] == "network moved 8 -> 4 (stencils kept, prefilter 1 px)"
+    assert rows[0]["how"] == "network moved 8 -> 4 (stencils kept, prefilter 1.22 px)"
     assert len(rows[0]["top"]) == 3
     # 16x16 images, the network moved up to them: its stencils dilated (taps 2 pixels apart),
-    # and it blurs them as the pyramid blurred its own
+    # and it blurs them to the bandwidth of its own 8x8 images: the pyramid's blur (1 px) and full
+    # weighting's own [1, 2, 1] / 4 (0.5 px^2), 1.5 ** 0.5 px at 16
     paths, x = _pngs(tmp_path, 16, seed=4)
     rows = predict(ckpt, paths, method="move-network")
-    up = to_resolution(net, 16, naive=True, prefilter=1.0, dilate=True)
-    assert up.config.input_blur == pytest.approx(1 / 16) and up.config.dilation == 2
+    up = to_resolution(net, 16, naive=True, prefilter=1.5**0.5, dilate=True)
+    assert up.config.input_blur == pytest.approx(1.5**0.5 / 16) and up.config.dilation == 2
     want = _expect(up, 2.0 * x).max(1).values.tolist()
     assert [r["probability"] for r in rows] == pytest.approx(want, abs=1e-6)
-    assert rows[0]["how"] == "network moved 8 -> 16 (stencils dilated, prefilter 1 px)"
+    assert rows[0]["how"] == "network moved 8 -> 16 (stencils dilated, prefilter 1.22 px)"
     # 12x12: not a power-of-2 multiple: resized to 8x8
     paths, _ = _pngs(tmp_path, 12, seed=3)
     assert predict(ckpt, paths)[0]["how"] == "images resized 12 -> 8"
@@ -120,7 +121,7 @@ def test_export_gives_the_eager_logits_in_torchscript_and_onnx(tmp_path, stencil
 
     sess = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"))
     free = stencil == "free"
-    want = to_resolution(net, 16, naive=free, prefilter=1.0, dilate=free)(x).detach()
+    want = to_resolution(net, 16, naive=free, prefilter=1.5**0.5, dilate=free)(x).detach()
     torch.testing.assert_close(ts(x), want, atol=1e-4, rtol=0)
     got = sess.run(None, {"images": x.numpy()})[0]
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)

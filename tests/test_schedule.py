@@ -108,12 +108,14 @@ def test_the_fine_level_starts_from_the_prolonged_best_checkpoint(two_level):
     cfg, res, d = two_level.cfg, two_level.res, two_level.d
     coarse, _ = load_checkpoint(d / "L0-n8-N1.best")
     init, lineage = load_checkpoint(d / "L1-n16-N1.init")
-    want = to_resolution(coarse, 16, lam=0.5, galerkin=["units"], prefilter=cfg.pyramid.sigma)
+    # `prefilter: true`: the pyramid's blur (1 px) and full weighting's smoothing (0.5 px^2)
+    assert cfg.pyramid.sigma == 1.0 and cfg.pyramid.pair == "full-weighting"
+    want = to_resolution(coarse, 16, lam=0.5, galerkin=["units"], prefilter=1.5**0.5)
     for k, v in want.state_dict().items():
         torch.testing.assert_close(init.state_dict()[k], v, rtol=0, atol=0)
     assert torch.equal(init.opening.weight, coarse.opening.weight)  # not in galerkin: kept
-    assert init.config.input_blur == pytest.approx(cfg.pyramid.sigma / 16)  # the pyramid's blur, kept
-    assert lineage["transfers"] == ["to_resolution(16, prefilter=1, lam=0.5, galerkin=['units'])"]
+    assert init.config.input_blur == pytest.approx(1.5**0.5 / 16)  # that blur, kept
+    assert lineage["transfers"] == ["to_resolution(16, prefilter=1.22474, lam=0.5, galerkin=['units'])"]
     assert lineage["from"].endswith("L0-n8-N1.best")
     fine, _ = load_checkpoint(res["checkpoint"])
     assert fine.n == 16 and fine.config.input_blur == init.config.input_blur
