@@ -15,6 +15,7 @@ HERE = Path(__file__).parent
 FULL = [
     ["inference_resolution.py"],
     ["system_overhead.py"],
+    ["stage_loop_probe.py", "--steps", "300", "--repeats", "5"],
     ["pyramid_build.py"],
     ["multiscale_training.py"],
     ["transfer_methods.py", "--seeds", "0", "1", "2", "--jobs", "3", "--threads", "1"],
@@ -26,6 +27,7 @@ FULL = [
 QUICK = [
     ["inference_resolution.py", "--repeats", "2"],
     ["system_overhead.py", "--epochs", "1"],
+    ["stage_loop_probe.py", "--steps", "20", "--repeats", "1"],
     ["multiscale_training.py", "--epochs", "1", "1", "1"],
     ["transfer_methods.py", "--seeds", "0", "--epochs", "1", "--mr-epochs", "1", "--coarse", "14"],
     ["resnet_imagenette.py", "--fine", "16", "--coarse", "8", "--max-epochs", "1"],
