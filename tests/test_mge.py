@@ -122,3 +122,28 @@ def test_with_the_dilating_move_levels_that_agree_exactly_give_the_fine_gradient
     assert variance_ratio(plain, blocks, 16, 8, batch_size=8, batches=4, move="galerkin", sigma=0.0) > 1e-2
     with pytest.raises(ValueError, match=r"mge: unknown move 'dilated'; valid: \['galerkin', 'naive'"):
         variance_ratio(net, blocks, 16, 8, move="dilated")
+
+
+def test_make_step_hands_the_pyramids_blur_to_the_multilevel_step():
+    """A schedule's MGE level makes its coarse samples as its pyramid made the levels: the sigma in
+    ``make_step(mge=...)`` reaches the step (it was fixed at 1 px before session 12), and the step's
+    first update equals one on ``mge_loss`` with that sigma."""
+    from mscnn.train import make_step
+
+    d = _data(count=32)
+    nets = [_net(), _net()]
+    nets[1].load_state_dict(nets[0].state_dict())
+    step = make_step(nets[0], "sgd", 0.1, cosine=False,
+                     mge={"sizes": [8, 16], "batch_sizes": [24, 8], "move": "galerkin", "sigma": 2.0})
+    assert isinstance(step, MultilevelStep) and step.sigma == 2.0
+    step(d.x, d.y)
+    loss, _ = mge_loss(MultiResolutionForward(nets[1], [8, 16]), d.x, d.y, [8, 16], [24, 8], 2.0,
+                       nets[1].config.pair)
+    loss.backward()
+    with torch.no_grad():
+        for p in nets[1].parameters():
+            p -= 0.1 * p.grad
+    for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    one = make_step(_net(), "sgd", 0.1, cosine=False, mge={"sizes": [8, 16], "batch_sizes": [24, 8]})
+    assert one.sigma == 1.0  # without one: the pipeline's default pyramid blur
