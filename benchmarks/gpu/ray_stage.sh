@@ -51,7 +51,8 @@ else
     if command -v nvidia-smi >/dev/null; then  # not holding the caller's stdout/stderr (a pipe)
         nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 1 \
             > "$OUT/nvidia_smi_$PART.csv" 2>/dev/null < /dev/null &
-        trap 'kill $! 2>/dev/null || true' EXIT
+        SMI=$!
+        trap 'kill $SMI 2>/dev/null || true' EXIT
     fi
 fi
 t0=$(date +%s)
