@@ -24,7 +24,9 @@ then every row on the test file (and val):
   down with ``prefilter=1`` (the blur taken off): rows ``<method> (fine net: coarse bandwidth)``;
 * ``--fine-dilated`` (free stencils): one more fine network trained on its own grid with the coarse
   bandwidth and the coarse footprint (``dilation`` = the grid ratio: taps as far apart as the coarse
-  grid's pixels), moved down by ``dilate`` with the blur taken off.
+  grid's pixels), moved down by ``dilate`` with the blur taken off. ``--fine-sigma`` sets the
+  per-level blur built into these two networks (default 1 px, the pyramid's Gaussian;
+  ``handover_sigma``, 1.2247 px, adds the full-weighting restriction's own smoothing).
 
 Also per kind: training images/s at each resolution (the same loop, ``mscnn.train.fit``).
 """
@@ -59,9 +61,9 @@ def run_pair(kind: str, n_c: int, n_f: int, data: dict, args, seed: int) -> list
     nets, speed = {}, {}
     nets_to_train = [(n_c, coarse, 0.0, 1), (n_f, fine, 0.0, 1)]
     if args.fine_blur:
-        nets_to_train.append((n_f, fine, pyramid_blur(n_c, n_f, 1.0), 1))
+        nets_to_train.append((n_f, fine, pyramid_blur(n_c, n_f, args.fine_sigma), 1))
     if args.fine_dilated and kind == "free":
-        nets_to_train.append((n_f, fine, pyramid_blur(n_c, n_f, 1.0), 2**levels))
+        nets_to_train.append((n_f, fine, pyramid_blur(n_c, n_f, args.fine_sigma), 2**levels))
     for n, d, input_blur, dilation in nets_to_train:
         torch.manual_seed(seed)
         net = ODENet(channels=unit_channels(args.channels), steps=args.steps, n=n, stencil=kind,
@@ -97,12 +99,12 @@ def run_pair(kind: str, n_c: int, n_f: int, data: dict, args, seed: int) -> list
         if args.fine_blur:
             bl = nets[f"{n_f} blurred"]
             row("fine->coarse", f"{method} (fine net: coarse bandwidth)",
-                to_resolution(bl, n_c, naive=naive, prefilter=1.0), lambda e: coarse[e])
+                to_resolution(bl, n_c, naive=naive, prefilter=args.fine_sigma), lambda e: coarse[e])
     if f"{n_f} blurred dilated" in nets:
         dl = nets[f"{n_f} blurred dilated"]
         row("fine", "native (fine net: dilated, coarse bandwidth)", dl, lambda e: fine[e])
         row("fine->coarse", "dilate (fine net: dilated, coarse bandwidth)",
-            to_resolution(dl, n_c, dilate=True, prefilter=1.0), lambda e: coarse[e])
+            to_resolution(dl, n_c, dilate=True, prefilter=args.fine_sigma), lambda e: coarse[e])
     if kind == "free":
         up = to_resolution(nets[n_c], n_f, dilate=True)
         row("coarse->fine", "dilate", up, lambda e: fine[e])
@@ -191,6 +193,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="also a fine network trained with the coarse bandwidth built in, moved down")
     ap.add_argument("--fine-dilated", action="store_true",
                     help="also a free fine network with the coarse footprint and bandwidth, moved down")
+    ap.add_argument("--fine-sigma", type=float, default=1.0,
+                    help="per-level blur (px) built into the --fine-blur/--fine-dilated networks and "
+                         "taken off on their way down: 1 = the pyramid's Gaussian, 1.2247 = "
+                         "handover_sigma (the Gaussian and the full-weighting restriction)")
     ap.add_argument("--stem", default="consistent_stencils", help="results file name")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -222,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{len(data['train'])} training images, Adam lr {args.lr} cosine, {args.epochs} epochs, "
             f"{args.channels} channels, {args.steps} steps, {args.activation}, "
             f"{'sub-grid connectives, ' if args.subgrid_connectives else ''}"
+            f"{f'fine nets blurred {args.fine_sigma} px per level, ' if args.fine_sigma != 1 else ''}"
             f"stencil_scale {args.scale}; seeds "
             f"{args.seeds}; {machine()}; {time.perf_counter() - t0:.0f} s.")
     md = "\n\n".join([head, "Test file:", table(rows, "test"), "Validation:", table(rows, "val"),

@@ -8,7 +8,8 @@ The data are level 0 (28x28) of the demo pyramid (``configs/pyramid_mnist_demo.y
 training images; built if missing; ``--pyramid`` another, e.g. all of MNIST). With ``--device
 cuda`` (the GPU machine, ``benchmarks/gpu/ray_stage.sh``) the stage runs with ``use_gpu: true``
 and the plain loop holds the level on the GPU, as the stage's worker cache does; ``--paths`` runs
-a subset of the paths (``worker``, ``worker_off``, ``ray_data``, ``in_ray``, ``plain``);
+a subset of the paths (``worker``, ``worker_off``, ``ray_data``, ``in_ray``, ``plain_val``,
+``plain``);
 ``--config``/``--n`` take the network, optimiser and batch of another schedule's level (e.g. the
 ResNet-34 at 224), trained as one level; each path's mean GPU utilisation is sampled (NVML) where
 there is a GPU. The Ray side is ``pipelines.schedule.run_schedule`` of
@@ -45,31 +46,39 @@ from common import ROOT, alternate, fmt_ratio, machine, paired_ratio, publish
 
 from mscnn.data import Split
 from mscnn.models import build_model
-from mscnn.train import fit
+from mscnn.train import accuracy, eval_batch_size, fit
 
 PATHS = {"worker": "Ray Train stage, worker reads",
          "worker_off": "Ray Train stage, worker reads, Train extras off",
          "ray_data": "Ray Train stage, Ray Data",
          "in_ray": "plain loop in a Ray task (no Ray Train)",
+         "plain_val": "plain PyTorch loop, validating every epoch",
          "plain": "plain PyTorch loop"}
 
 
 def _plain_loop(pyramid, scale, model_cfg, epochs: int, optim: dict, seed: int, threads: int,
-                device: str = "cpu", level: int = 0) -> dict:
+                device: str = "cpu", level: int = 0, validate: bool = False) -> dict:
     """``mscnn.train.fit`` on the level's Parquet shards read into memory (on ``device``),
     ``threads`` torch threads (in this process, or in a Ray task: the same loop with Ray's
-    processes around it)."""
+    processes around it); with ``validate`` also on the validation split after every epoch (and
+    once before), as the stage does."""
     from pipelines.pyramid import level_tensors
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     tr = level_tensors(pyramid, level, "train")
     tr = Split((tr.x * scale).to(device), tr.y.to(device))
+    va = None
+    if validate:
+        va = level_tensors(pyramid, level, "val")
+        va = Split((va.x * scale).to(device), va.y.to(device))
     torch.manual_seed(seed)
     net = build_model(model_cfg).to(device)
+    if validate:  # the incoming network, as the stage's init_validation
+        accuracy(net, va, eval_batch_size(net, va.x[:1], 2 * optim["batch_size"]))
     t1 = time.perf_counter()
     ph = fit(net, tr, epochs, optim["lr"], optim["batch_size"], seed, optimizer=optim["name"],
-             device=device)
+             device=device, val=va)
     if device != "cpu":
         torch.cuda.synchronize()
     total = time.perf_counter() - t0
@@ -189,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     in_ray = ray.remote(num_cpus=args.threads, num_gpus=int(args.device == "cuda"))(_plain_loop)
     paths = {"worker": ray_path("worker"), "worker_off": ray_path("worker", "off"),
              "ray_data": ray_path("ray_data"), "in_ray": lambda: ray.get(in_ray.remote(*job)),
+             "plain_val": lambda: _plain_loop(*job, validate=True),
              "plain": lambda: _plain_loop(*job)}
     runs = alternate({PATHS[k]: _with_gpu_util(paths[k], args.device) for k in PATHS if k in args.paths},
                      args.repeats)
@@ -225,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
                   "fixed": paired_ratio([r["fixed"] for r in rd], [r["fixed"] for r in w])}
         md += ["", f"Worker reads / Ray Data, end to end: {fmt_ratio(reader['e2e'])}; Ray Data's "
                f"fixed seconds / the worker's: {fmt_ratio(reader['fixed'])}."]
+    pv = runs.get(PATHS["plain_val"])
+    if w and pv:
+        same_job = paired_ratio([r["e2e"] for r in w], [r["e2e"] for r in pv])
+        ratios["stage vs plain validating"] = {"e2e": same_job}
+        md += ["", "The same job (the incoming network validated, then every epoch trained and "
+               f"validated), stage / plain loop, end to end: {fmt_ratio(same_job)}."]
     if w and off:
         extras = {"loop": paired_ratio([r["loop"] for r in off], [r["loop"] for r in w]),
                   "fixed": paired_ratio([r["fixed"] for r in w], [r["fixed"] for r in off])}
@@ -235,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"args": vars(args), "ray_init_s": t_init, "runs": runs, "ratios": ratios,
             "worker_vs_ray_data": reader, "extras_off_vs_on": extras}
     metrics = {re.sub(r"[^A-Za-z0-9_]+", "_", k.lower()).strip("_") + f"_{a}_ratio": v[a]["median"]
-               for k, v in ratios.items() if k != "plain PyTorch loop" for a in ("loop", "e2e")}
+               for k, v in ratios.items() if k != "plain PyTorch loop" for a in ("loop", "e2e") if a in v}
     publish(args.out, "system_overhead", "\n".join(md), data, vars(args), metrics)
     if not ok:
         print("INCONCLUSIVE: a ratio's spread is wider than its effect (see the table)", file=sys.stderr)

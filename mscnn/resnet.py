@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from torch import nn
-from torchvision.models import resnet34 as tv_resnet34
 
 from mscnn.transfer import get_pair, prolong_stencil, restrict_stencil
 
@@ -83,6 +82,8 @@ def resnet34(classes: int = 10, in_channels: int = 3, stem_stride: int = 1) -> n
     >>> sum(p.numel() for p in net.parameters())  # torchvision 21,289,802 less the 7x7 stem
     21282122
     """
+    from torchvision.models import resnet34 as tv_resnet34  # here: torchvision's import costs 1.3 s
+
     net = tv_resnet34(weights=None, num_classes=classes)
     net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
     nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")

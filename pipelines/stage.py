@@ -29,7 +29,7 @@ from ray.train import UserCallback
 
 from mscnn.checkpoint import load_checkpoint, save_checkpoint
 from mscnn.models import NetConfig, build_model
-from mscnn.train import evaluate, make_step, train_epoch
+from mscnn.train import eval_batch_size, evaluate, make_step, train_epoch
 
 __all__ = ["CURVES", "MlflowStageCallback", "ProgressCallback", "ShardCache", "StageSpec", "resolve_gpu",
            "run_stage", "train_func", "worker_reads"]
@@ -144,59 +144,68 @@ def _start(spec: StageSpec):
 
 
 class ShardCache:
-    """One worker's shard of a split as batches, every epoch. The first pass streams it from Ray
-    Data (``iter_torch_batches``, a local shuffle buffer) and, while the shard fits in
-    ``limit_bytes``, keeps its tensors on the worker's device; later passes are plain tensor
-    indexing (a fresh permutation per epoch when shuffled), as fast as a plain PyTorch loop. A shard
-    larger than the limit (or ``limit_bytes <= 0``) streams every epoch."""
+    """One worker's shard of a split as batches, every epoch, inputs multiplied by ``scale`` (the
+    pyramid's 1 / std per channel). The first pass streams it from Ray Data
+    (``iter_torch_batches``, a local shuffle buffer) and, while the shard fits in ``limit_bytes``,
+    keeps its scaled tensors on the worker's device; later passes are plain tensor indexing (a
+    fresh permutation per epoch when shuffled), as a plain PyTorch loop over a scaled split. A
+    shard larger than the limit (or ``limit_bytes <= 0``) streams every epoch."""
 
-    def __init__(self, shard, limit_bytes: float) -> None:
-        self.shard, self.limit = shard, limit_bytes
+    def __init__(self, shard, limit_bytes: float, scale: torch.Tensor | float = 1.0) -> None:
+        self.shard, self.limit, self.scale = shard, limit_bytes, scale
         self.x = self.y = None
         self.streaming = limit_bytes <= 0
 
     @classmethod
     def of_tensors(cls, x: torch.Tensor, y: torch.Tensor, rank: int, world: int, device,
-                   equal: bool) -> ShardCache:
+                   equal: bool, scale: torch.Tensor | float = 1.0) -> ShardCache:
         """A cache filled up front with this worker's rows of a whole split (``scaling.reader:
-        worker``): rows ``rank, rank + world, ...``; ``equal`` trims every worker to the same
-        count (training: DDP's all-reduces need the same number of batches on every worker)."""
+        worker``), scaled once: rows ``rank, rank + world, ...``; ``equal`` trims every worker to
+        the same count (training: DDP's all-reduces need the same number of batches on every
+        worker)."""
         rows = len(y) // world if equal else len(y)
-        cache = cls(None, float("inf"))  # its own copy of its rows: the whole split is let go
-        cache.x, cache.y = (t[rank::world][:rows].contiguous().to(device) for t in (x, y))
+        cache = cls(None, float("inf"), scale)  # its own copy of its rows: the whole split is let go
+        cache.x = (x[rank::world][:rows].to(device) * scale).contiguous()
+        cache.y = y[rank::world][:rows].contiguous().to(device)
         return cache
 
-    def batches(self, batch_size: int, scale: torch.Tensor, device, seed: int | None = None):
+    def batches(self, batch_size: int, device, seed: int | None = None):
         if self.x is not None:
-            yield from self._cached(batch_size, scale, seed)
+            yield from self._cached(batch_size, seed)
             return
         shuffle = {} if seed is None else {"local_shuffle_buffer_size": 4 * batch_size,
                                            "local_shuffle_seed": seed}
         xs, ys, size = [], [], 0
         for b in self.shard.iter_torch_batches(batch_size=batch_size, device=device, **shuffle):
+            x = b["image"] * self.scale
             if not self.streaming:
-                size += b["image"].nelement() * b["image"].element_size()
+                size += x.nelement() * x.element_size()
                 if size > self.limit:
                     self.streaming, xs, ys = True, [], []
                 else:
-                    xs.append(b["image"])
+                    xs.append(x)
                     ys.append(b["label"])
-            yield b["image"] * scale, b["label"]
+            yield x, b["label"]
         if not self.streaming and xs:
             self.x, self.y = torch.cat(xs), torch.cat(ys)
 
-    def _cached(self, batch_size: int, scale: torch.Tensor, seed: int | None):
+    def _cached(self, batch_size: int, seed: int | None):
         n = len(self.y)
         order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(self.x.device)
                  if seed is not None else None)
         for i in range(0, n, batch_size):
             idx = order[i:i + batch_size] if order is not None else slice(i, i + batch_size)
-            yield self.x[idx] * scale, self.y[idx]
+            yield self.x[idx], self.y[idx]
 
 
-def _validate(model, val: ShardCache, scale) -> tuple[float, float, float]:
-    """Summed cross-entropy, correct count and count over every worker's validation shard."""
-    v = evaluate(model, val.batches(1000, scale, scale.device))
+def _validate(model, net, val: ShardCache, batch_size: int, device) -> tuple[float, float, float]:
+    """Summed cross-entropy, correct count and count over every worker's validation shard, in
+    batches of ``eval_batch_size`` (on a CPU, sized to its caches: 2.9x faster than the 1,000 of
+    before for the demo network; up to twice the training batch) once the shard is cached, of
+    ``batch_size`` while it streams."""
+    if val.x is not None:
+        batch_size = eval_batch_size(net, val.x[:1], 2 * batch_size)
+    v = evaluate(model, val.batches(batch_size, device))
     return tuple(_all_reduce([v["loss_sum"], v["correct"], v["count"]]))
 
 
@@ -219,20 +228,39 @@ class MlflowStageCallback(UserCallback):
     rank 0's metrics of each report go to the level's MLflow run and the ``CURVES`` also to the
     schedule's parent run, at step ``global_epoch``. Each global epoch is logged once, also when a
     worker group restarts or a killed driver resumes the stage (the epochs already in the level's
-    run are read back first)."""
+    run are read back first).
+
+    The store is opened (MLflow imported, about 2 s of CPU) in a background thread as soon as the
+    callback arrives in the controller, while the worker group starts: opened at the first report
+    instead, it took a core from the training for the whole second epoch, which ran at 0.67x the
+    others (``benchmarks/system_overhead.py``, session 13)."""
 
     def __init__(self, uri: str, experiment: str, run_id: str, parent_id: str | None = None) -> None:
         self.uri, self.experiment, self.run_id, self.parent_id = uri, experiment, run_id, parent_id
-        self._tracker, self._seen = None, set()
+        self._tracker, self._seen, self._lock, self._warm = None, set(), threading.Lock(), None
+
+    def __getstate__(self) -> dict:
+        return {k: self.__dict__[k] for k in ("uri", "experiment", "run_id", "parent_id")}
+
+    def __setstate__(self, state: dict) -> None:  # unpickled in the controller: open the store now
+        self.__init__(**state)
+        self._warm = threading.Thread(target=self._open_quietly, daemon=True, name="mlflow-open")
+        self._warm.start()
+
+    def _open_quietly(self) -> None:
+        with contextlib.suppress(Exception):  # an error shows again, raised, at the first report
+            self._open()
 
     def _open(self):
-        if self._tracker is None:
-            from pipelines.tracking import Tracker
+        with self._lock:
+            if self._tracker is None:
+                from pipelines.tracking import Tracker
 
-            self._tracker = Tracker(self.experiment, self.uri)
-            self._seen = {m.step for m in self._tracker.client.get_metric_history(self.run_id,
+                tracker = Tracker(self.experiment, self.uri)
+                self._seen = {m.step for m in tracker.client.get_metric_history(self.run_id,
                                                                                 "val_accuracy")}
-        return self._tracker
+                self._tracker = tracker
+            return self._tracker
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         m = metrics[0] if metrics else {}
@@ -347,18 +375,19 @@ def train_func(config: dict) -> None:
         caches = []
         for s in ("train", "val"):
             split = level_tensors(spec.read_root, spec.level, s)
-            caches.append(ShardCache.of_tensors(split.x, split.y, rank, world, device, equal=s == "train"))
+            caches.append(ShardCache.of_tensors(split.x, split.y, rank, world, device,
+                                                equal=s == "train", scale=scale))
         train, val = caches
         del split  # the whole split: each cache holds its own rows
     else:
         limit = spec.cache_mb * 2**20
-        train = ShardCache(ray.train.get_dataset_shard("train"), limit)
-        val = ShardCache(ray.train.get_dataset_shard("val"), limit)
+        train = ShardCache(ray.train.get_dataset_shard("train"), limit, scale)
+        val = ShardCache(ray.train.get_dataset_shard("val"), limit, scale)
     state["nodes"] = _all_nodes()  # where this stage's workers run (the last attempt)
     state["devices"] = _all_gather(str(device))  # and on what: cpu, cuda:0, ...
     t_setup = time.time()
     if "init" not in state:  # how good is the incoming (prolonged / interpolated / random) model?
-        vloss, correct, total = _validate(model, val, scale)
+        vloss, correct, total = _validate(model, net, val, bs, device)
         state["init"] = {"init_val_loss": vloss / max(total, 1), "init_val_accuracy": correct / max(total, 1)}
     # this attempt's stamps (a resumed stage starts a new attempt)
     state["timeline"] = {"entered": t_entry, "setup_done": t_setup, "init_validated": time.time(),
@@ -366,10 +395,10 @@ def train_func(config: dict) -> None:
     step0 = state["step"]
     for epoch in range(state["epoch"] + 1, spec.epochs):
         t0 = time.perf_counter()
-        rec = train_epoch(step, train.batches(bs, scale, device, spec.seed + epoch), net,
+        rec = train_epoch(step, train.batches(bs, device, spec.seed + epoch), net,
                           on_batch=lambda i, s0=step0: _maybe_fail(spec, rank, s0 + i))
         state["step"] = step0 = step0 + rec["batches"]
-        val_sums = _validate(model, val, scale)
+        val_sums = _validate(model, net, val, bs, device)
         state["seconds"] += time.perf_counter() - t0  # training and validation
         summed = _all_reduce([rec["loss"] * rec["images"], rec["images"], rec["images_per_s"]])
         metrics = _metrics(spec, state, epoch, [summed[0], summed[1], *val_sums, summed[2]])

@@ -27,20 +27,20 @@ def _data(n=10):
 def test_a_shard_that_fits_is_read_once_then_served_shuffled_from_memory():
     x, y = _data()
     shard = FakeShard(x, y)
-    cache = ShardCache(shard, limit_bytes=1e6)
-    scale = torch.tensor(2.0)
-    first = list(cache.batches(4, scale, "cpu", seed=0))
+    cache = ShardCache(shard, limit_bytes=1e6, scale=torch.tensor(2.0))
+    first = list(cache.batches(4, "cpu", seed=0))
     assert [len(b[1]) for b in first] == [4, 4, 2] and torch.equal(first[0][0], 2 * x[:4])
     for seed in (1, 2):
-        again = list(cache.batches(4, scale, "cpu", seed=seed))
+        again = list(cache.batches(4, "cpu", seed=seed))
         assert [len(b[1]) for b in again] == [4, 4, 2]
         labels = torch.cat([b[1] for b in again])
         assert sorted(labels.tolist()) == list(range(10)) and labels.tolist() != list(range(10))
         images = torch.cat([b[0] for b in again])
         torch.testing.assert_close(images, 2 * x[labels])  # each image stays with its label
     assert shard.passes == 1
+    assert torch.equal(cache.x, 2 * x)  # held scaled: no multiply per batch
     # unshuffled (validation): the shard's order
-    assert torch.equal(torch.cat([b[1] for b in cache.batches(3, scale, "cpu")]), y)
+    assert torch.equal(torch.cat([b[1] for b in cache.batches(3, "cpu")]), y)
 
 
 def test_a_shard_over_the_limit_streams_every_epoch():
@@ -48,12 +48,12 @@ def test_a_shard_over_the_limit_streams_every_epoch():
     shard = FakeShard(x, y)
     cache = ShardCache(shard, limit_bytes=x[:5].nelement() * 4)  # half the shard
     for _ in range(3):
-        assert torch.equal(torch.cat([b[1] for b in cache.batches(4, torch.tensor(1.0), "cpu", 0)]), y)
+        assert torch.equal(torch.cat([b[1] for b in cache.batches(4, "cpu", 0)]), y)
     assert shard.passes == 3 and cache.x is None
     off = FakeShard(x, y)
     cache = ShardCache(off, limit_bytes=0)  # worker_cache_mb: 0
     for _ in range(2):
-        list(cache.batches(4, torch.tensor(1.0), "cpu"))
+        list(cache.batches(4, "cpu"))
     assert off.passes == 2
 
 
@@ -63,13 +63,12 @@ def test_a_worker_reading_the_split_itself_takes_every_world_th_row_and_trims_tr
     x, y = _data(11)
     train = [ShardCache.of_tensors(x, y, r, 3, "cpu", equal=True) for r in range(3)]
     assert [c.y.tolist() for c in train] == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]  # 11 // 3 = 3 each
-    val = [ShardCache.of_tensors(x, y, r, 3, "cpu", equal=False) for r in range(3)]
+    val = [ShardCache.of_tensors(x, y, r, 3, "cpu", equal=False, scale=torch.tensor(0.5)) for r in range(3)]
     assert [c.y.tolist() for c in val] == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8]]
-    scale = torch.tensor(0.5)
-    got = list(val[1].batches(3, scale, "cpu"))  # served from memory, in order, scaled
+    got = list(val[1].batches(3, "cpu"))  # served from memory, in order, scaled
     assert torch.equal(torch.cat([b[1] for b in got]), torch.tensor([1, 4, 7, 10]))
     assert torch.equal(torch.cat([b[0] for b in got]), 0.5 * x[[1, 4, 7, 10]])
-    shuffled = torch.cat([b[1] for b in train[0].batches(2, scale, "cpu", seed=5)])
+    shuffled = torch.cat([b[1] for b in train[0].batches(2, "cpu", seed=5)])
     assert sorted(shuffled.tolist()) == [0, 3, 6]
 
 
@@ -105,3 +104,27 @@ def test_train_extras_follow_the_setting_and_the_node_count_and_leave_a_users_va
         assert os.environ["RAY_TRAIN_METRICS_ENABLED"] == "1"
         assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert os.environ["RAY_TRAIN_METRICS_ENABLED"] == "1"
+
+
+def test_the_mlflow_callback_opens_its_store_when_it_arrives_in_the_controller(tmp_path):
+    """Ray Train unpickles the callback in its controller: the store opens there in the background
+    (not at the first report, where it took a core from the training), and each epoch is still
+    logged once."""
+    import pickle
+
+    from pipelines.stage import MlflowStageCallback
+    from pipelines.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker("cb", uri)
+    run = tracker.client.create_run(tracker.experiment_id).info.run_id
+    tracker.log_metrics(run, {"val_accuracy": 0.25}, step=0)  # epoch 0 logged before a restart
+    cb = MlflowStageCallback(uri, "cb", run)
+    assert cb._warm is None and cb._tracker is None  # on the driver: nothing opened
+    there = pickle.loads(pickle.dumps(cb))
+    there._warm.join(60)
+    assert there._tracker is not None and there._seen == {0}  # opened before any report
+    there.after_report(None, [{"global_epoch": 0, "val_accuracy": 0.5}], None)  # again: skipped
+    there.after_report(None, [{"global_epoch": 1, "val_accuracy": 0.75}], None)
+    hist = tracker.client.get_metric_history(run, "val_accuracy")
+    assert sorted((m.step, m.value) for m in hist) == [(0, 0.25), (1, 0.75)]

@@ -8,7 +8,7 @@ from torch import nn
 from mscnn.data import Split
 from mscnn.ode import ODENet
 from mscnn.optim import BCD
-from mscnn.train import Step, TorchStep, evaluate, fit, make_step, split_batches, train_epoch
+from mscnn.train import Step, TorchStep, accuracy, eval_batch_size, evaluate, fit, make_step, split_batches, train_epoch
 
 
 def _data(n=40, seed=0):
@@ -25,6 +25,20 @@ def test_evaluate_sums_match_a_full_batch_computation():
     assert out["loss_sum"] == pytest.approx(F.cross_entropy(logits, d.y, reduction="sum").item(), rel=1e-6)
     assert out["correct"] == (logits.argmax(1) == d.y).sum().item()
     assert out["accuracy"] == out["correct"] / 37 and model.training  # mode restored
+
+
+def test_eval_batch_size_fits_the_widest_activation_into_the_cpu_budget():
+    """On a CPU: the budget over the largest submodule output of one example, within [16, cap]."""
+    net = ODENet(channels=16, steps=2, n=28, classes=10)
+    x = torch.randn(5, 1, 28, 28)
+    assert eval_batch_size(net, x) == 2**21 // (16 * 28 * 28 * 4) == 41  # a 16x28x28 float map
+    assert eval_batch_size(net, x, cpu_bytes=2**24) == 2**24 // (16 * 28 * 28 * 4)
+    assert eval_batch_size(net, x, cap=30) == 30 and eval_batch_size(net, x, cpu_bytes=1) == 16
+    assert net.training  # mode restored, no hook left behind
+    assert not any(m._forward_hooks for m in net.modules())
+    assert eval_batch_size(net, torch.empty(1, 1, 28, 28, device="meta"), cap=700) == 700  # not a CPU
+    d = Split(torch.randn(100, 1, 28, 28), torch.randint(0, 10, (100,)))
+    assert accuracy(net, d) == accuracy(net, d, batch_size=100)  # the batch changes speed only
 
 
 def test_torch_step_is_one_plain_sgd_step():
