@@ -8,7 +8,17 @@ from torch import nn
 from mscnn.data import Split
 from mscnn.ode import ODENet
 from mscnn.optim import BCD
-from mscnn.train import Step, TorchStep, accuracy, eval_batch_size, evaluate, fit, make_step, split_batches, train_epoch
+from mscnn.train import (
+    Step,
+    TorchStep,
+    accuracy,
+    eval_batch_size,
+    evaluate,
+    fit,
+    make_step,
+    split_batches,
+    train_epoch,
+)
 
 
 def _data(n=40, seed=0):
