@@ -94,14 +94,16 @@ class MultilevelStep:
 
     def __init__(self, model: ODENet, optimizer: torch.optim.Optimizer, sizes: list[int],
                  batch_sizes: list[int], scheduler=None, move: str = "galerkin", lam: float = 0.0,
-                 sigma: float = 1.0) -> None:
+                 sigma: float = 1.0, prefilter: float | None = None) -> None:
         if sizes[-1] != model.n:
             raise ValueError(f"MultilevelStep: the finest size {sizes[-1]} must be model.n={model.n}")
         self.model = model
         self.sizes, self.batch_sizes, self.sigma = list(sizes), list(batch_sizes), sigma
-        # the coarse samples are blurred and restricted as the pyramid's: a network carrying an
-        # input blur (a prefiltered handover) loses it on those grids, as to_resolution does
-        self.forward = MultiResolutionForward(model, sizes, lam=lam, prefilter=sigma, **_move(move))
+        # the coarse samples are blurred and restricted as the pyramid's (``sigma``); a network
+        # carrying an input blur (a prefiltered handover of ``prefilter`` px per level, default
+        # ``sigma``) loses it on those grids, as to_resolution does
+        self.prefilter = sigma if prefilter is None else prefilter
+        self.forward = MultiResolutionForward(model, sizes, lam=lam, prefilter=self.prefilter, **_move(move))
         self.pixels = 0  # total cost so far
         # the optimiser step itself is mscnn.train's one TorchStep, on the telescoping loss
         self.step = TorchStep(model, optimizer, scheduler, objective=self._loss)

@@ -132,7 +132,8 @@ def make_step(model: nn.Module, name: str = "adam", lr: float = 1e-3, cosine: bo
         from mscnn.mge import MultilevelStep
 
         return MultilevelStep(model, opt, mge["sizes"], mge["batch_sizes"], sched,
-                              move=mge.get("move", "galerkin"), sigma=mge.get("sigma", 1.0))
+                              move=mge.get("move", "galerkin"), sigma=mge.get("sigma", 1.0),
+                              prefilter=mge.get("prefilter"))
     return TorchStep(model, opt, sched, regularizer, forward)
 
 

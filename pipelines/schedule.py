@@ -160,7 +160,9 @@ def run_level(run: _Run, i: int, prev: LevelOutcome | None, log: Callable[[str],
         compute_offset=prev.compute_end if prev else 0.0,
         compute_per_epoch=cost(mcfg) / run.ref_cost * _mge_share(lv), extra=run.extra,
         mge={"sizes": lv.mge_sizes(), "batch_sizes": lv.estimator.batch_sizes, "move": lv.estimator.move,
-             "sigma": cfg.pyramid.sigma}  # the coarse samples are made as the pyramid made its levels
+             "sigma": cfg.pyramid.sigma,  # the coarse samples are made as the pyramid made its levels
+             # the input blur a prefiltered handover gave the network comes off on the coarse grids
+             "prefilter": cfg.prefilter_px(lv) or cfg.pyramid.sigma}
         if lv.estimator else None)
     mlflow = {"uri": run.tracker.uri, "experiment": cfg.experiment, "run_id": run_id,
               "parent_id": run.ids["parent"]}

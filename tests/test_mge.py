@@ -1,5 +1,7 @@
 """Multilevel gradient estimation (mscnn.mge): what it computes, its cost, and that it is unbiased."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,3 +149,24 @@ def test_make_step_hands_the_pyramids_blur_to_the_multilevel_step():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     one = make_step(_net(), "sgd", 0.1, cosine=False, mge={"sizes": [8, 16], "batch_sizes": [24, 8]})
     assert one.sigma == 1.0  # without one: the pipeline's default pyramid blur
+
+
+def test_the_handovers_input_blur_comes_off_exactly_on_the_coarse_grids():
+    """A level entered by a prefiltered handover of ``p`` px carries ``pyramid_blur(8, 16, p)``; its
+    MGE step takes that blur off on the coarse grid (``prefilter``), not the pyramid's 1 px (which
+    left ``sqrt(p^2 - 1)`` px on the coarse grid before session 13), while the coarse samples keep
+    the pyramid's sigma."""
+    from mscnn.hierarchy import handover_sigma, pyramid_blur
+    from mscnn.train import make_step
+
+    p = handover_sigma(1.0, "full-weighting")
+    torch.manual_seed(0)
+    net = ODENet(channels=3, steps=1, n=16, classes=3, input_blur=pyramid_blur(8, 16, p))
+    opt = torch.optim.SGD(net.parameters(), 0.1)
+    old = MultilevelStep(net, opt, [8, 16], [24, 8], sigma=1.0)
+    assert old.forward.templates[8].config.input_blur == pytest.approx(math.sqrt(p**2 - 1) / 16, rel=1e-12)
+    new = make_step(net, "sgd", 0.1, cosine=False,
+                    mge={"sizes": [8, 16], "batch_sizes": [24, 8], "sigma": 1.0, "prefilter": p})
+    assert new.sigma == 1.0 and new.prefilter == p
+    assert new.forward.templates[8].config.input_blur == 0.0
+    assert new.forward.templates[16].config.input_blur == pytest.approx(pyramid_blur(8, 16, p))
