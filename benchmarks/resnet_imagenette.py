@@ -17,7 +17,10 @@ learning rate per stage, random horizontal flips, early stopping on validation a
 
 Reports best validation accuracy, wall-clock, fine-equivalent epochs (an epoch at resolution ``n``
 costs ``(n / fine)^2``), and the coarse network's accuracy on fine images before any fine training
-(naive, Galerkin, and each after batch-norm recalibration).
+(naive, Galerkin, and each after batch-norm recalibration; and naive on fine images blurred to the
+coarse images' bandwidth, ``pyramid_blur`` with ``handover_sigma``: the prefilter the ODE
+network's handover uses, as a measurement only -- the ResNet has no input blur to carry it into a
+fine stage).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from common import ROOT, machine, metrics_of, publish
 
 from mscnn.data import Split, find_data_dir, load_image_folder
+from mscnn.hierarchy import handover_sigma, pyramid_blur
 from mscnn.recalibrate import recalibrate_batchnorm
 from mscnn.resnet import resnet34, resnet_to_resolution
 from mscnn.train import TorchStep, evaluate, fit, split_batches
@@ -150,6 +154,13 @@ def main(argv: list[str] | None = None) -> None:
         before[f"{name} + BN recalibration"] = evaluate_on(moved, val, device, args.batch * 2)
         if name in args.transfer:
             moved_nets[name] = moved
+    # the fine images at the coarse images' bandwidth (the pyramid's blur and the restriction's)
+    px = pyramid_blur(args.coarse, args.fine, handover_sigma(1.0, "full-weighting")) * args.fine
+    blurred = Split(gaussian_blur(val.x, px), val.y)
+    moved = resnet_to_resolution(net, levels, naive=True)
+    before["naive + prefilter"] = evaluate_on(moved, blurred, device, args.batch * 2)
+    recalibrate_batchnorm(moved, [gaussian_blur(b, px) for b in bn_batches])
+    before["naive + prefilter + BN recalibration"] = evaluate_on(moved, blurred, device, args.batch * 2)
     print("  coarse network on fine images: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in
                                                           before.items()), flush=True)
     ratio = (args.coarse / args.fine) ** 2
