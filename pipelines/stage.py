@@ -488,7 +488,8 @@ TRAIN_EXTRAS_ENV = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_EN
 def train_extras_env(setting: str, nodes: int | None = None):
     """While a stage's ``fit`` runs: Ray Train's preemption watcher and metrics callbacks on or off
     (``scaling.train_extras``; ``auto``: off when the Ray cluster has one alive node, ``nodes``
-    counted when not given). Yields whether they are on. A variable the user set wins."""
+    counted when not given). A variable the user set wins. Yields what is in force: each
+    variable's name and whether it is on (``"1"``/``"true"``)."""
     if setting == "auto":
         if nodes is None:
             import ray
@@ -500,7 +501,7 @@ def train_extras_env(setting: str, nodes: int | None = None):
         if saved[k] is None:
             os.environ[k] = "1" if setting == "on" else "0"
     try:
-        yield setting == "on"
+        yield {k: os.environ[k].strip().lower() in ("1", "true") for k in TRAIN_EXTRAS_ENV}
     finally:
         for k, v in saved.items():
             if v is None:

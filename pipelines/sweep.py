@@ -43,7 +43,7 @@ from pipelines.config import ScheduleConfig, apply_overrides, load_config
 from pipelines.runtime import exclusive, require_ray
 from pipelines.tracking import Tracker, tracking_uri
 
-__all__ = ["SweepConfig", "load_sweep", "run_sweep"]
+__all__ = ["InvalidSampleError", "SweepConfig", "load_sweep", "run_sweep"]
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -53,6 +53,15 @@ DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 METRICS = ("final_val_accuracy", "fine_equiv_epochs", "train_seconds", "seconds_to_target",
            "compute_to_target")
 NOT_REACHED = 1e9
+
+
+class InvalidSampleError(ValueError):
+    """A sample of a sweep's space that gives no valid schedule; ``reason`` is why, in one line
+    (what a skipped trial reports), without the sample itself."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class SweepConfig(BaseModel):
@@ -131,8 +140,8 @@ class SweepConfig(BaseModel):
         """Why ``sample`` gives no valid schedule, in one line (None when it does)."""
         try:
             self.schedule(sample)
-        except ValueError as e:
-            return str(e).split(" gives an invalid schedule: ", 1)[-1]
+        except InvalidSampleError as e:
+            return e.reason
         return None
 
     def schedule(self, sample: dict[str, Any], name: str | None = None) -> ScheduleConfig:
@@ -141,13 +150,16 @@ class SweepConfig(BaseModel):
         try:
             apply_overrides(raw, sample)
         except KeyError as e:
-            raise ValueError(f"space: {e.args[0]} (not a field of the base schedule)") from None
+            reason = f"{e.args[0]} (not a field of the base schedule)"
+            raise InvalidSampleError(f"space: {reason}", reason) from None
         if name:
             raw["name"] = name
         try:
             return ScheduleConfig.model_validate(raw)
         except ValidationError as e:
-            raise ValueError(f"space: a sample {sample} gives an invalid schedule: {_reason(e)}") from None
+            reason = _reason(e)
+            raise InvalidSampleError(f"space: a sample {sample} gives an invalid schedule: {reason}",
+                                reason) from None
 
 
 def _with_absolute_paths(sweep: SweepConfig) -> SweepConfig:

@@ -97,10 +97,12 @@ def test_train_extras_follow_the_setting_and_the_node_count_and_leave_a_users_va
     for setting, nodes, want in (("auto", 1, False), ("auto", 3, True), ("on", 1, True),
                                  ("off", 3, False)):
         with train_extras_env(setting, nodes=nodes) as on:
-            assert on is want and [os.environ[k] for k in keys] == ["1" if want else "0"] * 2
+            assert on == dict.fromkeys(keys, want)
+            assert [os.environ[k] for k in keys] == ["1" if want else "0"] * 2
         assert not any(k in os.environ for k in keys)
     monkeypatch.setenv("RAY_TRAIN_METRICS_ENABLED", "1")  # the user's choice wins, and stays
-    with train_extras_env("off", nodes=1):
+    with train_extras_env("off", nodes=1) as on:  # what is in force, not the setting
+        assert on == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": False, "RAY_TRAIN_METRICS_ENABLED": True}
         assert os.environ["RAY_TRAIN_METRICS_ENABLED"] == "1"
         assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert os.environ["RAY_TRAIN_METRICS_ENABLED"] == "1"

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import ScheduleConfig, load_config
 from pipelines.report import RunCurve, fig1_kernels, make_report, summary_rows
-from pipelines.sweep import SweepConfig, load_sweep, run_sweep
+from pipelines.sweep import InvalidSampleError, SweepConfig, load_sweep, run_sweep
 
 BASE = {"name": "b", "kind": "single",
         "pyramid": {"name": "syn", "source": {"kind": "synthetic", "size": 16, "count": 200}, "levels": 2},
@@ -241,6 +241,12 @@ def test_a_combination_that_gives_no_schedule_is_refused_unless_skipped(tmp_path
     assert sweep.invalid({"model.stencil": "gaussian", "levels": SINGLE}) is None
     assert sweep.invalid({"model.stencil": "gaussian", "levels": DILATING}).startswith(
         "levels.1.dilate: moves free stencils")
+    with pytest.raises(InvalidSampleError) as bad:  # the reason travels as data, not parsed text
+        sweep.schedule({"model.stencil": "gaussian", "levels": DILATING})
+    assert bad.value.reason == sweep.invalid({"model.stencil": "gaussian", "levels": DILATING})
+    assert str(bad.value).startswith("space: a sample {'model.stencil': 'gaussian'")
+    assert (sweep.invalid({"levels.9.n": 7})
+            == "cannot apply override levels.9.n=7 (not a field of the base schedule)")
     with pytest.raises(ValueError, match=r"space: 1 of 1 combinations give no valid schedule"):
         _sweep(tmp_path, {"model.stencil": {"grid": ["gaussian"]}, "levels": {"grid": [DILATING]}},
                skip_invalid=True)
