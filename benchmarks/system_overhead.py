@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         md += ["", f"Train extras off / on (the default), in the epoch loop: {fmt_ratio(extras['loop'])}; "
                f"fixed seconds on / off: {fmt_ratio(extras['fixed'])}."]
     md += ["", f"Load average (1 min) at the end: {os.getloadavg()[0]:.2f}. Every epoch of a stage also "
-           "validates, checkpoints and reports; MLflow is written by the driver-side callback."]
+           "validates, checkpoints and reports; MLflow is written by the stage's callback in Ray "
+           "Train's controller."]
     data = {"args": vars(args), "ray_init_s": t_init, "runs": runs, "ratios": ratios,
             "worker_vs_ray_data": reader, "extras_off_vs_on": extras}
     metrics = {re.sub(r"[^A-Za-z0-9_]+", "_", k.lower()).strip("_") + f"_{a}_ratio": v[a]["median"]
