@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if w and pv:
         same_job = paired_ratio([r["e2e"] for r in w], [r["e2e"] for r in pv])
         ratios["stage vs plain validating"] = {"e2e": same_job}
+        ok = ok and same_job["conclusive"]
         md += ["", "The same job (the incoming network validated, then every epoch trained and "
                f"validated), stage / plain loop, end to end: {fmt_ratio(same_job)}."]
     if w and off:
