@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                          "taken off on their way down: 1 = the pyramid's Gaussian, 1.2247 = "
                          "handover_sigma (the Gaussian and the full-weighting restriction)")
     ap.add_argument("--stem", default="consistent_stencils", help="results file name")
+    ap.add_argument("--n-val", type=int, default=10_000,
+                    help="validation images drawn from the training file (mnist_splits)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         publish(args.out, "consistent_stencils_speed", head + "\n\n" + speed, {"args": vars(args)},
                 vars(args), {})
         return
-    d = mnist_splits(args.data_dir)
+    d = mnist_splits(args.data_dir, n_val=args.n_val)
     data = {"train": Split(d["train"].x[: args.train_count], d["train"].y[: args.train_count]),
             "val": d["val"], "test": d["test"]}
     rows, t0 = [], time.perf_counter()
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                         print(f"seed {seed} {pair} {kind:11s} {r['direction']:13s} {r['method']:22s} "
                               f"{100 * r['accuracy']:6.2f}%", flush=True)
                 rows += new
-    head = (f"MNIST, networks trained at one resolution and moved without retraining; "
+    head = (f"{args.data_dir or 'MNIST'}, networks trained at one resolution and moved without retraining; "
             f"{len(data['train'])} training images, Adam lr {args.lr} cosine, {args.epochs} epochs, "
             f"{args.channels} channels, {args.steps} steps, {args.activation}, "
             f"{'sub-grid connectives, ' if args.subgrid_connectives else ''}"

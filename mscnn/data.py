@@ -37,6 +37,7 @@ __all__ = [
     "mnist_splits",
     "read_idx",
     "split_indices",
+    "write_idx",
     "stratified_limit",
     "check_labels",
 ]
@@ -80,6 +81,27 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
             f"{path}: IDX payload has {len(raw) - head} bytes, header shape {shape} needs {want}"
         )
     return np.frombuffer(raw, dtype=dtype, offset=head).reshape(shape)
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write ``array`` (uint8, 1 to 255 dimensions) as an IDX file, gzipped when ``path`` ends in
+    ``.gz`` (what ``read_idx`` and MNIST-format readers take). The file appears whole or not at
+    all (written beside it, then renamed). Another dtype raises ``ValueError`` naming the file."""
+    path, array = Path(path), np.asarray(array)
+    if array.dtype != np.uint8 or not 1 <= array.ndim <= 255:
+        raise ValueError(f"{path}: write_idx takes uint8 arrays of 1..255 dimensions, "
+                         f"got {array.dtype} of shape {array.shape}")
+    raw = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    raw += np.ascontiguousarray(array).tobytes()
+    if path.suffix == ".gz":
+        raw = gzip.compress(raw, mtime=0)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(raw)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def find_data_dir(name: str, data_dir: str | os.PathLike | None = None,

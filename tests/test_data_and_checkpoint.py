@@ -111,3 +111,50 @@ def test_checkpoint_sizes_are_checked_before_allocating(tmp_path):
     with pytest.raises(ValueError, match=r"model\.pt does not match .*: tensors differ .*classifier\.W"):
         load_checkpoint(p)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1_000_000  # KiB: < 1 GB more
+
+
+def test_write_idx_is_byte_exact_atomic_and_refuses_other_dtypes(tmp_path):
+    from mscnn.data import write_idx
+
+    a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a", a)
+    assert (tmp_path / "a").read_bytes() == _idx(a)  # the header MNIST's own files carry
+    write_idx(tmp_path / "a.gz", a)
+    assert gzip.decompress((tmp_path / "a.gz").read_bytes()) == _idx(a)
+    np.testing.assert_array_equal(read_idx(tmp_path / "a.gz"), a)
+    with pytest.raises(ValueError, match=r"b\.gz: write_idx takes uint8 .* float64 of shape \(2,\)"):
+        write_idx(tmp_path / "b.gz", np.zeros(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.gz"]  # nothing half written
+
+
+def test_idx_from_images_writes_an_mnist_format_set_that_mnist_splits_reads(tmp_path):
+    """benchmarks/idx_from_images.py: each photo becomes 5 grayscale crops (whole, 4 corners),
+    train/ -> the training file, val/ -> the test file, under MNIST's file names."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 3), ("val", 1)):
+        for c in ("cat", "dog"):
+            (tmp_path / "src" / split / c).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+                    tmp_path / "src" / split / c / f"{i}.png")
+    # one photo of known content: left half black, right half white
+    half = np.zeros((40, 40, 3), np.uint8)
+    half[:, 20:] = 255
+    Image.fromarray(half).save(tmp_path / "src" / "val" / "dog" / "0.png")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "idx_from_images.py"
+    subprocess.run([sys.executable, script, "--src", tmp_path / "src", "--out", tmp_path / "out",
+                    "--size", "8"], check=True, capture_output=True, timeout=120)
+    x = read_idx(tmp_path / "out" / "t10k-images-idx3-ubyte.gz")
+    y = read_idx(tmp_path / "out" / "t10k-labels-idx1-ubyte.gz")
+    assert x.shape == (10, 8, 8) and y.tolist() == [0] * 5 + [1] * 5
+    # the whole image: 4 black columns, 4 white; the top-left 30x30 crop: columns 0-19 black, 20-29 white
+    np.testing.assert_array_equal(x[5], np.repeat([[0] * 4 + [255] * 4], 8, axis=0))
+    assert x[6, :, :5].max() == 0 and x[6, :, 6:].min() == 255
+    d = mnist_splits(tmp_path / "out", n_val=5)
+    assert [len(d[k].y) for k in ("train", "val", "test")] == [25, 5, 10]
