@@ -68,7 +68,8 @@ def run_pair(kind: str, n_c: int, n_f: int, data: dict, args, seed: int) -> list
         torch.manual_seed(seed)
         net = ODENet(channels=unit_channels(args.channels), steps=args.steps, n=n, stencil=kind,
                      activation=args.activation,
-                     stencil_scale=args.scale, input_blur=input_blur, dilation=dilation,
+                     stencil_scale=args.scale, stencil_length=args.length, input_blur=input_blur,
+                     dilation=dilation,
                      subgrid_connectives=args.subgrid_connectives)
         t0 = time.perf_counter()
         hist = fit(net, d["train"], args.epochs, args.lr, 128, seed)
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--activation", default="tanh")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--scale", type=float, default=0.05, help="stencil_scale (image widths)")
+    ap.add_argument("--length", type=float, default=None,
+                    help="stencil_length (image widths): the consistent kinds' normalising length")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--speed-repeats", type=int, default=5, help="alternating speed rounds (0: none)")
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.channels} channels, {args.steps} steps, {args.activation}, "
             f"{'sub-grid connectives, ' if args.subgrid_connectives else ''}"
             f"{f'fine nets blurred {args.fine_sigma} px per level, ' if args.fine_sigma != 1 else ''}"
-            f"stencil_scale {args.scale}; seeds "
+            f"stencil_scale {args.scale}{f', stencil_length {args.length}' if args.length else ''}; seeds "
             f"{args.seeds}; {machine()}; {time.perf_counter() - t0:.0f} s.")
     md = "\n\n".join([head, "Test file:", table(rows, "test"), "Validation:", table(rows, "val"),
                       "Cost inside the training runs above (not alternated):", speed_table(rows),

@@ -78,6 +78,10 @@ class ODENetConfig:
     classifier: str = "quadrature"
     stencil: str = "free"  # mscnn.stencils.STENCILS
     stencil_scale: float = 0.05  # consistent kinds: sigma (gaussian) or L (moment), image widths
+    # consistent kinds: the length L their derivative coefficients are normalised by (theta_a L^|a|),
+    # image widths; None: stencil_scale. The same operators for every L; a larger L trains the
+    # derivative terms faster (mscnn.stencils)
+    stencil_length: float | None = None
     # a Gaussian applied to the input, sigma in image widths (0: none); set by a prefiltered move
     # (mscnn.hierarchy.to_resolution(prefilter=...)) so a finer grid sees the coarse bandwidth
     input_blur: float = 0.0
@@ -105,6 +109,10 @@ class ODENetConfig:
             raise ValueError(f"ODENetConfig.stencil: {e}") from None
         if not (self.stencil_scale > 0 and math.isfinite(self.stencil_scale)):
             raise ValueError(f"ODENetConfig.stencil_scale: must be > 0, got {self.stencil_scale!r}")
+        if self.stencil_length is not None and not (
+                self.stencil_length > 0 and math.isfinite(self.stencil_length)):
+            raise ValueError(
+                f"ODENetConfig.stencil_length: must be > 0 (or null), got {self.stencil_length!r}")
         if not (self.input_blur >= 0 and math.isfinite(self.input_blur)):
             raise ValueError(f"ODENetConfig.input_blur: must be >= 0, got {self.input_blur!r}")
         if not (isinstance(self.dilation, int) and self.dilation >= 1):
@@ -186,10 +194,12 @@ class EulerUnit(nn.Module):
     """
 
     def __init__(self, channels: int, steps: int, T: float, act: str = "tanh",
-                 stencil: str = "free", scale: float = 0.05, dilation: int = 1) -> None:
+                 stencil: str = "free", scale: float = 0.05, dilation: int = 1,
+                 length: float | None = None) -> None:
         super().__init__()
         self.T, self.dilation = float(T), int(dilation)
         self.act_name, self.stencil, self.scale = act, stencil_kind(stencil), float(scale)
+        self.length = float(length) if length is not None else self.scale
         taps = (3, 3) if stencil == "free" else (6,)
         bound = 1.0 / math.sqrt(math.prod(taps) * channels)  # nn.Conv2d's default scale
         self.K = nn.Parameter(torch.empty(steps, channels, channels, *taps).uniform_(-bound, bound))
@@ -207,7 +217,7 @@ class EulerUnit(nn.Module):
         act, dt = activation(self.act_name), self.dt
         for k in range(self.steps):
             y = y + dt * act(stencil_conv(y, self.K[k], self.b[k], self.stencil, self.scale,
-                                          self.dilation))
+                                          self.dilation, self.length))
         return y
 
 
@@ -254,12 +264,13 @@ class ODENet(nn.Module):
             config = config.replace(**kwargs)
         self.config = config
         chans, steps = config.unit_channels, config.unit_steps
-        kind, scale = config.stencil, config.stencil_scale
+        kind, scale, length = config.stencil, config.stencil_scale, config.stencil_length
         d = config.dilation
         self.opening = (nn.Conv2d(config.in_channels, chans[0], 3, padding=d, dilation=d) if kind == "free"
-                        else StencilConv(config.in_channels, chans[0], layer_kind(kind, "opening"), scale))
+                        else StencilConv(config.in_channels, chans[0], layer_kind(kind, "opening"), scale,
+                                         length=length))
         self.units = nn.ModuleList(
-            EulerUnit(c, s, config.T, config.activation, layer_kind(kind, "units"), scale, d)
+            EulerUnit(c, s, config.T, config.activation, layer_kind(kind, "units"), scale, d, length)
             for c, s in zip(chans, steps, strict=True)
         )
         self.connectives = nn.ModuleList(

@@ -3,16 +3,22 @@
 * ``"free"``: today's 3x3 weights ``(out, in, 3, 3)``, one fixed grid; moved across resolution by
   ``mscnn.hierarchy.to_resolution`` (Galerkin or naive).
 * ``"moment"`` (PDE-Net's moment kernels): ``K_h = sum_{|a|<=2} theta_a L^|a| D_a(h)``, ``D_a`` the
-  central-difference stencil of ``d^a`` on the grid of spacing ``h``, ``L = scale`` a physical
-  length (a fraction of the image width). ``theta (out, in, 6)`` is resolution-free: on a finer
-  grid the same ``theta`` gives the same differential operator (Galerkin's moment scaling,
-  restricted to the orders a 3x3 stencil resolves well).
+  central-difference stencil of ``d^a`` on the grid of spacing ``h``, ``L = length`` a physical
+  length (a fraction of the image width; ``scale`` unless given). ``theta (out, in, 6)`` is
+  resolution-free: on a finer grid the same ``theta`` gives the same differential operator
+  (Galerkin's moment scaling, restricted to the orders a 3x3 stencil resolves well).
 * ``"gaussian"`` (Gaussian-derivative / N-jet networks, Lindeberg; Pintea et al.'s N-JetNet):
-  ``K = sum_{|a|<=2} theta_a sigma^|a| d^a G_sigma`` with ``sigma = scale`` fixed in physical units,
+  ``K = sum_{|a|<=2} theta_a L^|a| d^a G_sigma`` with ``sigma = scale`` fixed in physical units,
   discretised on each grid (a sampled, normalised Gaussian of ``sigma / h`` pixels, then central
   differences). A finer grid gets a wider support and the *same* band-limited operator, so a network
   sees the same features at every resolution. Applied as a separable blur (two products with a
   banded matrix) and one dense 3x3 conv with the effective moment kernel: no wide kernel.
+
+``L`` (``length``, ``ODENetConfig.stencil_length``; ``scale`` unless given) only normalises the
+coefficients: every ``L`` spans the same operators (``theta_a L^|a|`` is what acts), but it sets how
+large a derivative term a unit step of the optimiser makes. ``L`` below the grid spacing damps the
+derivative terms on the training grid (``(L / h)^|a|``): measured, ``L = sigma = 0.7`` px at 14x14 cost
+about a point of native accuracy, ``L = 2 sigma`` did not (benchmarks/RESULTS.md).
 
 * ``"moment-blur"``: ``"gaussian"`` in the opening layer (the input band-limited at ``sigma``, the
   cheap place: one channel in), ``"moment"`` in the Euler steps: consistent at the cost of free 3x3.
@@ -87,10 +93,11 @@ class StencilConv(nn.Module):
     ``(out, in, 6)`` for the consistent kinds (derivative coefficients)."""
 
     def __init__(self, c_in: int, c_out: int, kind: str = "free", scale: float = 0.05,
-                 bias: bool = True) -> None:
+                 bias: bool = True, length: float | None = None) -> None:
         super().__init__()
         stencil_kind(kind)
         self.kind, self.scale = kind, float(scale)
+        self.length = float(length) if length is not None else self.scale
         shape = (c_out, c_in, 3, 3) if kind == "free" else (c_out, c_in, 6)
         fan_in = c_in * (9 if kind == "free" else 6)
         bound = 1.0 / math.sqrt(fan_in)  # nn.Conv2d's default scale
@@ -98,7 +105,7 @@ class StencilConv(nn.Module):
         self.bias = nn.Parameter(torch.empty(c_out).uniform_(-bound, bound)) if bias else None
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return stencil_conv(y, self.weight, self.bias, self.kind, self.scale)
+        return stencil_conv(y, self.weight, self.bias, self.kind, self.scale, length=self.length)
 
 
 @lru_cache(maxsize=64)
@@ -135,15 +142,17 @@ def blur(y: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def stencil_conv(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str,
-                 scale: float, dilation: int = 1) -> torch.Tensor:
+                 scale: float, dilation: int = 1, length: float | None = None) -> torch.Tensor:
     """The functional form of ``StencilConv`` (what ``EulerUnit`` calls with one time step's
     weights). The consistent kinds build their effective 3x3 kernel ``sum_a theta_a D_a`` and run
     one dense conv, on the Gaussian-blurred input for ``"gaussian"`` (``D_a G y = D_a (G y)``:
     the derivatives of the blurred field), so they cost a free 3x3 conv plus, for ``"gaussian"``,
-    one separable blur. ``dilation``: the free stencil's tap spacing in pixels."""
+    one separable blur. ``dilation``: the free stencil's tap spacing in pixels; ``length``: the
+    consistent kinds' normalising length ``L`` (``scale`` when ``None``)."""
     if kind == "free":
         return F.conv2d(y, weight, bias, padding=dilation, dilation=dilation)
-    d = _differences_on(y.shape[-1], float(scale), weight.dtype, weight.device)
+    d = _differences_on(y.shape[-1], float(scale if length is None else length), weight.dtype,
+                        weight.device)
     kernel = torch.einsum("oia,apq->oipq", weight, d)
     if kind == "gaussian":
         y = blur(y, scale)

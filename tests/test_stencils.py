@@ -106,3 +106,31 @@ def test_free_stencils_are_unchanged_and_consistent_kinds_are_no_costlier_in_par
     free, moment = ODENet(channels=4, n=8), ODENet(channels=4, n=8, stencil="moment")
     assert free.units[0].K.shape == (2, 4, 4, 3, 3) and moment.units[0].K.shape == (2, 4, 4, 6)
     assert sum(p.numel() for p in moment.parameters()) < sum(p.numel() for p in free.parameters())
+
+
+@pytest.mark.parametrize("kind", ["moment", "gaussian", "moment-blur"])
+def test_stencil_length_only_renormalises_the_coefficients(kind):
+    """``theta_a L^|a|`` is what acts: a network with ``stencil_length`` L equals the network with
+    the default (L = stencil_scale s) whose coefficients are ``theta_a (L / s)^|a|``, on its own grid
+    and moved to a finer and a coarser one."""
+    from mscnn.stencils import ORDERS
+
+    torch.manual_seed(0)
+    s, L = 0.05, 0.14
+    long = ODENet(channels=[3, 4], steps=2, n=16, stencil=kind, stencil_scale=s, stencil_length=L).double()
+    plain = ODENet(long.config.replace(stencil_length=None)).double()
+    factor = torch.tensor([(L / s) ** k for k in ORDERS], dtype=torch.float64)
+    # the derivative coefficients: the opening's (out, in, 6) and the units' (N, C, C, 6)
+    state = {k: v * factor if v.dim() >= 3 and v.shape[-1] == 6 else v for k, v in long.state_dict().items()}
+    plain.load_state_dict(state)
+    assert long.opening.length == long.units[1].length == L and plain.units[0].length == s
+    for n in (16, 32, 8):
+        a, b = to_resolution(long, n), to_resolution(plain, n)
+        assert a.config.stencil_length == L and b.config.stencil_length is None
+        x = torch.randn(3, 1, n, n, dtype=torch.float64)
+        torch.testing.assert_close(a(x), b(x), rtol=1e-12, atol=1e-12)
+        same_theta = ODENet(a.config.replace(stencil_length=None)).double()
+        same_theta.load_state_dict(a.state_dict())
+        assert (same_theta(x) - a(x)).abs().max() > 1e-3  # the same theta with another L: another network
+    with pytest.raises(ValueError, match=r"stencil_length: must be > 0 \(or null\), got 0\.0"):
+        ODENetConfig(stencil="moment", stencil_length=0.0)
