@@ -67,7 +67,7 @@ def run(name: str, plan: list[tuple[int, int]], data: dict, args, stencil: str =
             net = ODENet(n=n, channels=unit_channels(args.channels), steps=args.steps, stencil=stencil,
                          T=args.T, activation=args.activation, in_channels=data[n][0].x.shape[1],
                          classes=int(max(s_.y.max() for s_ in data[n])) + 1, dilation=dil,
-                         subgrid_connectives=args.subgrid_connectives,
+                         subgrid_connectives=args.subgrid_connectives, stencil_length=args.length,
                          input_blur=pyramid_blur(n // dil, n) if dil > 1 else 0.0)
         elif net.n != n:
             net = to_resolution(net, n, naive=args.transfer == "naive", lam=args.lam,
@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--channels", type=int, nargs="+", default=[16],
                     help="one per unit (several: units joined by connective restriction)")
     ap.add_argument("--steps", type=int, default=2, help="Euler steps per unit")
+    ap.add_argument("--length", type=float, default=None,
+                    help="consistent kinds: ODENetConfig.stencil_length (image widths)")
     ap.add_argument("--T", type=float, default=2.0, help="final time per unit")
     ap.add_argument("--activation", default="tanh")
     ap.add_argument("--batch-size", type=int, default=128)
@@ -170,12 +172,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stem", default=None, help="results file name (default: from data and transfer)")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--n-val", type=int, default=10_000,
+                    help="--data mnist (any MNIST-format folder): validation images from the training file")
+    ap.add_argument("--score-on", choices=["val", "test"], default="val",
+                    help="--data mnist: score the schedules on the validation split or on the test file "
+                         "(for a data set whose validation split shares photos with its training split)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = args.size or (28 if args.data == "mnist" else 128)
     if args.data == "mnist":
-        d = mnist_splits(args.data_dir)
+        d = mnist_splits(args.data_dir, n_val=args.n_val)
+        if args.score_on == "test":  # scored on the test file, which shares no photo with training
+            d["val"] = d["test"]
         if size < 28 or size % 2:
             raise SystemExit("--data mnist: --size must be 28, or an even size above it (zero-padded)")
         pad = (size - 28) // 2  # e.g. 32: padded as LeNet-5 did, so three units (n % 4 == 0) fit 16x16
@@ -223,7 +232,9 @@ def main(argv: list[str] | None = None) -> None:
                              run(name, plan, data, args, st, bool(pf), mge))
                       for name, (st, plan, pf, mge) in plans.items()}, args.repeats)
     rows = [_median_row(rs, args.targets) for rs in runs.values()]
-    head = (f"{args.data} {size}x{size} ({len(d['train'].y)} training images), ODENet channels "
+    head = (f"{args.data}{f' ({args.data_dir})' if args.data_dir else ''} {size}x{size} "
+            f"({len(d['train'].y)} training images"
+            f"{', scored on the test file' * (args.score_on == 'test')}), ODENet channels "
             f"{args.channels} {args.steps} steps per unit T {args.T:g} {args.activation}, batch "
             f"{args.batch_size}, stencils {args.stencils}, Adam lr {args.lr} cosine per level, "
             f"transfer: free {args.transfer}"
@@ -231,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{', sub-grid connectives' if args.subgrid_connectives else ''}"
             f"{f', MGE plan batch sizes {args.mge}' if args.mge else ''}"
             f"{f', prefilter {args.prefilter_sigma:g} px' if args.prefilter_sigma != 1.0 else ''}"
-            f"{f' lam={args.lam:g}' if args.lam else ''}, consistent kinds re-discretised, "
+            f"{f' lam={args.lam:g}' if args.lam else ''}, consistent kinds re-discretised"
+            f"{f' (stencil_length {args.length:g})' if args.length else ''}, "
             f"seed {args.seed}, {args.repeats} alternating repeat(s) (times: median [min-max]); "
             f"{machine()}; {time.perf_counter() - t0:.0f} s.")
     cols = "".join(f" to {100 * t:g}%: s / fine epochs |" for t in args.targets)

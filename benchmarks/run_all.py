@@ -23,6 +23,9 @@ FULL = [
     ["cross_resolution.py", "--seeds", "0", "1", "2", "--epochs", "3", "--sigma", "0"],
     ["resnet_imagenette.py"],
     ["consistent_stencils.py", "--seeds", "0", "1", "2"],
+    ["stencil_length.py", "--seeds", "0"],
+    ["consistent_stencils.py", "--seeds", "0", "1", "2", "--kinds", "moment-blur", "gaussian",
+     "--length", "0.14", "--speed-repeats", "0", "--stem", "consistent_stencils_length0.14"],
     ["optimizers.py", "--budget", "480", "--depth-levels", "2", "4", "8", "16"],
 ]
 QUICK = [
@@ -35,6 +38,7 @@ QUICK = [
     ["resnet_imagenette.py", "--fine", "16", "--coarse", "8", "--max-epochs", "1"],
     ["consistent_stencils.py", "--train-count", "2000", "--epochs", "1", "--pairs", "14:28",
      "--kinds", "free", "moment-blur"],
+    ["stencil_length.py", "--epochs", "1", "--lengths", "0", "0.14", "--kinds", "moment-blur"],
     ["optimizers.py", "--budget", "10", "--depth-levels", "2", "4", "--depth-iters", "1"],
 ]
 
