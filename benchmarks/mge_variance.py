@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--batches", type=int, default=24)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--length", type=float, default=None,
+                    help="consistent kinds: ODENetConfig.stencil_length (image widths)")
     ap.add_argument("--stem", default="mge_variance", help="results file name")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(0)
         dilated = kind == "free-dilated"  # the coarse footprint: taps 2 pixels apart, the 14x14 blur
         net = ODENet(channels=16, steps=2, n=28, stencil="free" if dilated else kind,
-                     dilation=2 if dilated else 1, input_blur=pyramid_blur(14, 28) if dilated else 0.0)
+                     dilation=2 if dilated else 1, input_blur=pyramid_blur(14, 28) if dilated else 0.0,
+                     stencil_length=args.length)
         for when in ("init", "trained"):
             if when == "trained":
                 fit(net, train, args.epochs, 1e-2, 128, 0)
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"kind": kind, "move": move, "when": when, "rho_28_14": r28, "rho_14_7": r14})
                 print(f"{kind} {move} {when}: rho(28,14) {r28:.3f}, rho(14,7) {r14}", flush=True)
     md = [f"MNIST, ODENet 16 channels 2 steps; rho from {args.batches} batches of {args.batch}; "
-          f"trained {args.epochs} epoch(s) on {args.train_count} images (Adam 1e-2); {machine()}; "
+          f"trained {args.epochs} epoch(s) on {args.train_count} images (Adam 1e-2)"
+          f"{f', stencil_length {args.length:g}' if args.length else ''}; {machine()}; "
           f"{time.perf_counter() - t0:.0f} s.", "",
           "| stencil | move | network | rho 28/14 | MGE cost ratio 28/14 | rho 14/7 | MGE cost ratio 14/7 |",
           "|---|---|---|---|---|---|---|"]
