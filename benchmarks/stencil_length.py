@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
             fit(net, data["train"], args.epochs, 1e-2, 128, seed)
             r = {"kind": kind, "length": length, "seed": seed,
                  "val": accuracy(net, data["val"]), "test": accuracy(net, data["test"])}
-            print(f"seed {seed} {kind:11s} L={length or args.scale:<6g} val {100 * r['val']:.2f}% "
+            shown = "-" if kind == "free" else f"{length or args.scale:g}"
+            print(f"seed {seed} {kind:11s} L={shown:<6s} val {100 * r['val']:.2f}% "
                   f"test {100 * r['test']:.2f}%", flush=True)
             rows.append(r)
     head = (f"MNIST at {args.n}x{args.n}, native accuracy per stencil_length L (image widths; "

@@ -134,3 +134,14 @@ def test_stencil_length_only_renormalises_the_coefficients(kind):
         assert (same_theta(x) - a(x)).abs().max() > 1e-3  # the same theta with another L: another network
     with pytest.raises(ValueError, match=r"stencil_length: must be > 0 \(or null\), got 0\.0"):
         ODENetConfig(stencil="moment", stencil_length=0.0)
+
+
+def test_stencil_length_travels_in_checkpoints(tmp_path):
+    from mscnn.checkpoint import load_checkpoint, save_checkpoint
+
+    net = ODENet(channels=3, steps=1, n=8, stencil="gaussian", stencil_length=0.14)
+    save_checkpoint(tmp_path / "m", net, {})
+    back, _ = load_checkpoint(tmp_path / "m")
+    assert back.config.stencil_length == 0.14 and back.units[0].length == 0.14
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(back(x), net(x), rtol=0, atol=0)
