@@ -23,6 +23,8 @@ from common import ROOT
 
 from mscnn.data import MNIST_FILES, find_data_dir, list_image_folder, write_idx
 
+CROPS = 5  # the whole image and its four corners
+
 
 def crops_of(path: Path, size: int, crops: int) -> np.ndarray:
     """``(crops, size, size)`` uint8: the whole image, then the corner crops of 3/4 its side."""
@@ -33,25 +35,28 @@ def crops_of(path: Path, size: int, crops: int) -> np.ndarray:
         w, h = im.size
         s = (3 * min(w, h)) // 4
         boxes = [(0, 0, w, h), (0, 0, s, s), (w - s, 0, w, s), (0, h - s, s, h), (w - s, h - s, w, h)]
-        if not 1 <= crops <= len(boxes):
-            raise ValueError(f"crops must be 1..{len(boxes)}, got {crops}")
         return np.stack([np.asarray(im.resize((size, size), Image.Resampling.BOX, box=b), np.uint8)
                          for b in boxes[:crops]])
 
 
 def build(src: Path, out: Path, size: int = 28, crops: int = 5) -> dict:
     """Write the four IDX files under ``out``; returns their counts and the class names."""
+    if not 1 <= crops <= CROPS:
+        raise ValueError(f"crops must be 1..{CROPS}, got {crops}")
+    listed = {split: list_image_folder(src / folder)
+              for split, folder in (("train", "train"), ("test", "val"))}
+    if listed["train"][0] != listed["test"][0]:  # the labels are class indices: the same classes, in order
+        raise ValueError(f"{src / 'val'}: classes {listed['test'][0]} differ from {src / 'train'}'s "
+                         f"{listed['train'][0]}")
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"source": str(src), "size": size, "crops": crops}
-    for split, folder in (("train", "train"), ("test", "val")):
-        classes, items = list_image_folder(src / folder)
+    summary = {"source": str(src), "size": size, "crops": crops, "classes": listed["train"][0]}
+    for split, (_, items) in listed.items():
         x = np.concatenate([crops_of(f, size, crops) for f, _ in items])
         y = np.repeat(np.array([label for _, label in items], np.uint8), crops)
         img_f, lab_f = MNIST_FILES[split]
         write_idx(out / img_f, x)
         write_idx(out / lab_f, y)
         summary[split] = {"images": len(x), "photos": len(items), "per_class": np.bincount(y).tolist()}
-        summary["classes"] = classes
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

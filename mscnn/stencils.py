@@ -14,14 +14,15 @@
   sees the same features at every resolution. Applied as a separable blur (two products with a
   banded matrix) and one dense 3x3 conv with the effective moment kernel: no wide kernel.
 
+* ``"moment-blur"``: ``"gaussian"`` in the opening layer (the input band-limited at ``sigma``, the
+  cheap place: one channel in), ``"moment"`` in the Euler steps: consistent at the cost of free 3x3.
+
 ``L`` (``length``, ``ODENetConfig.stencil_length``; ``scale`` unless given) only normalises the
 coefficients: every ``L`` spans the same operators (``theta_a L^|a|`` is what acts), but it sets how
 large a derivative term a unit step of the optimiser makes. ``L`` below the grid spacing damps the
-derivative terms on the training grid (``(L / h)^|a|``): measured, ``L = sigma = 0.7`` px at 14x14 cost
-about a point of native accuracy, ``L = 2 sigma`` did not (benchmarks/RESULTS.md).
-
-* ``"moment-blur"``: ``"gaussian"`` in the opening layer (the input band-limited at ``sigma``, the
-  cheap place: one channel in), ``"moment"`` in the Euler steps: consistent at the cost of free 3x3.
+derivative terms on the training grid (``(L / h)^|a|``): measured (MNIST, 3 seeds), ``L = sigma``
+(0.7 px at 14x14) cost 1.5-2 points of native accuracy, ``L = 0.14`` (2 px) left both kinds within
+0.4 points of free stencils (benchmarks/RESULTS.md).
 
 The consistent kinds take ``h`` from their input (``h = 1 / width``: the image spans the unit
 square at every layer), so one module serves every grid: moving a network re-discretises nothing

@@ -158,3 +158,10 @@ def test_idx_from_images_writes_an_mnist_format_set_that_mnist_splits_reads(tmp_
     assert x[6, :, :5].max() == 0 and x[6, :, 6:].min() == 255
     d = mnist_splits(tmp_path / "out", n_val=5)
     assert [len(d[k].y) for k in ("train", "val", "test")] == [25, 5, 10]
+    # labels are class indices: a val/ with other classes than train/ is refused, naming both
+    (tmp_path / "src" / "val" / "emu").mkdir()
+    Image.fromarray(half).save(tmp_path / "src" / "val" / "emu" / "0.png")
+    bad = subprocess.run([sys.executable, script, "--src", tmp_path / "src", "--out", tmp_path / "bad"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "val: classes ['cat', 'dog', 'emu'] differ from" in bad.stderr
+    assert not (tmp_path / "bad").exists()
