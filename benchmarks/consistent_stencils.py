@@ -57,7 +57,7 @@ def _prolong(d: Split, levels: int) -> Split:
 def run_pair(kind: str, n_c: int, n_f: int, data: dict, args, seed: int) -> list[dict]:
     levels = (n_f // n_c).bit_length() - 1
     fine = {k: data[k] for k in ("train", "val", "test")}
-    coarse = {k: coarsen(v, levels, 1.0) for k, v in fine.items()}
+    coarse = {k: coarsen(v, levels, 1.0, args.pair) for k, v in fine.items()}
     nets, speed = {}, {}
     nets_to_train = [(n_c, coarse, 0.0, 1), (n_f, fine, 0.0, 1)]
     if args.fine_blur:
@@ -69,6 +69,7 @@ def run_pair(kind: str, n_c: int, n_f: int, data: dict, args, seed: int) -> list
         net = ODENet(channels=unit_channels(args.channels), steps=args.steps, n=n, stencil=kind,
                      activation=args.activation,
                      stencil_scale=args.scale, stencil_length=args.length, input_blur=input_blur,
+                     pair=args.pair, stencil_scale_growth=args.scale_growth,
                      dilation=dilation,
                      subgrid_connectives=args.subgrid_connectives)
         t0 = time.perf_counter()
@@ -95,7 +96,7 @@ def run_pair(kind: str, n_c: int, n_f: int, data: dict, args, seed: int) -> list
         row("coarse->fine", method, to_resolution(nets[n_c], n_f, naive=naive), lambda e: fine[e])
         # the moved network's own input blur: the same prefilter as the dilate row's
         row("coarse->fine", method + " + prefilter",
-            to_resolution(nets[n_c], n_f, naive=naive, prefilter=1.0), lambda e: fine[e])
+            to_resolution(nets[n_c], n_f, naive=naive, prefilter=args.up_sigma), lambda e: fine[e])
         row("fine->coarse", method, to_resolution(nets[n_f], n_c, naive=naive), lambda e: coarse[e])
         if args.fine_blur:
             bl = nets[f"{n_f} blurred"]
@@ -109,7 +110,7 @@ def run_pair(kind: str, n_c: int, n_f: int, data: dict, args, seed: int) -> list
     if kind == "free":
         up = to_resolution(nets[n_c], n_f, dilate=True)
         row("coarse->fine", "dilate", up, lambda e: fine[e])
-        up = to_resolution(nets[n_c], n_f, dilate=True, prefilter=1.0)
+        up = to_resolution(nets[n_c], n_f, dilate=True, prefilter=args.up_sigma)
         row("coarse->fine", "dilate + prefilter", up, lambda e: fine[e])
     for r in rows:
         r["speed"] = speed
@@ -153,8 +154,8 @@ def speed_alternating(kinds: list[str], sizes: list[int], args, batches: int = 2
         for k in kinds:
             torch.manual_seed(0)
             net = ODENet(channels=unit_channels(args.channels), steps=args.steps, n=n, stencil=k,
-                         stencil_scale=args.scale,
-                         activation=args.activation)
+                         stencil_scale=args.scale, stencil_scale_growth=args.scale_growth,
+                         pair=args.pair, activation=args.activation)
             nets[k] = (net, TorchStep(net, torch.optim.Adam(net.parameters(), 1e-3)))
         x, y = torch.randn(128, 1, n, n), torch.randint(0, 10, (128,))
         for _ in range(args.speed_repeats):
@@ -186,6 +187,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--activation", default="tanh")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--scale", type=float, default=0.05, help="stencil_scale (image widths)")
+    ap.add_argument("--scale-growth", type=float, default=1.0,
+                    help="stencil_scale_growth: unit u's sigma is scale * growth**u")
+    ap.add_argument("--pair", default="full-weighting",
+                    help="transfer pair of the pyramid and the networks (full-weighting-neumann: "
+                         "no darkened border, Neumann boundaries in the consistent stencils)")
+    ap.add_argument("--up-sigma", type=float, default=1.0,
+                    help="the coarse -> fine moves' prefilter in fine pixels (1.2247: handover_sigma)")
     ap.add_argument("--length", type=float, default=None,
                     help="stencil_length (image widths): the consistent kinds' normalising length")
     ap.add_argument("--lr", type=float, default=1e-2)
@@ -234,7 +242,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.channels} channels, {args.steps} steps, {args.activation}, "
             f"{'sub-grid connectives, ' if args.subgrid_connectives else ''}"
             f"{f'fine nets blurred {args.fine_sigma} px per level, ' if args.fine_sigma != 1 else ''}"
-            f"stencil_scale {args.scale}{f', stencil_length {args.length}' if args.length else ''}; seeds "
+            f"stencil_scale {args.scale}{f', stencil_length {args.length}' if args.length else ''}"
+            f"{f', growth {args.scale_growth} per unit' if args.scale_growth != 1 else ''}, "
+            f"pair {args.pair}, "
+            f"coarse -> fine prefilter {args.up_sigma} px; seeds "
             f"{args.seeds}; {machine()}; {time.perf_counter() - t0:.0f} s.")
     md = "\n\n".join([head, "Test file:", table(rows, "test"), "Validation:", table(rows, "val"),
                       "Cost inside the training runs above (not alternated):", speed_table(rows),

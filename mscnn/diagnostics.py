@@ -27,7 +27,7 @@ __all__ = ["cfl_steps", "operator_norm", "state_rms", "step_norms"]
 @torch.no_grad()
 def operator_norm(
     weight: torch.Tensor, n: int, kind: str = "free", scale: float = 0.05, iters: int = 100, seed: int = 0,
-    length: float | None = None,
+    length: float | None = None, boundary: str = "zero",
 ) -> float:
     """The spectral norm of ``y -> stencil_conv(y, weight)`` (no bias) on ``n x n`` images with
     zero padding. ``weight``: ``(C, C, 3, 3)`` (free) or ``(C, C, 6)`` (consistent kinds).
@@ -45,7 +45,7 @@ def operator_norm(
     for _ in range(iters):
         x = v.clone().requires_grad_(True)
         with torch.enable_grad():
-            out = stencil_conv(x, w, None, kind, scale, length=length)
+            out = stencil_conv(x, w, None, kind, scale, length=length, boundary=boundary)
             (u,) = torch.autograd.grad(out, x, out)  # L^T L v
         norm = u.norm().item() ** 0.5
         if norm == 0:
@@ -60,7 +60,8 @@ def step_norms(model: ODENet) -> list[list[float]]:
     for u, unit in enumerate(model.units):
         n = cfg.n // 2**u
         out.append(
-            [unit.dt * operator_norm(unit.K[k], n, unit.stencil, unit.scale, length=unit.length)
+            [unit.dt * operator_norm(unit.K[k], n, unit.stencil, unit.scale, length=unit.length,
+                                        boundary=unit.boundary)
              for k in range(unit.steps)]
         )
     return out
@@ -91,6 +92,6 @@ def state_rms(model: ODENet, x: torch.Tensor) -> list[float]:
             y = model.connectives[u - 1](y)
         for k in range(unit.steps):
             y = y + unit.dt * act(stencil_conv(y, unit.K[k], unit.b[k], unit.stencil, unit.scale,
-                                               length=unit.length))
+                                               length=unit.length, boundary=unit.boundary))
             rms.append(y.pow(2).mean().sqrt().item())
     return rms

@@ -85,7 +85,7 @@ def pyramid_blur(n_from: int, n_to: int, sigma_px: float = 1.0) -> float:
 
 # the variance, in fine-grid pixels^2 per axis, of a restriction's own smoothing: full weighting's
 # [1, 2, 1] / 4 and the average pair's [1, 1] / 2
-RESTRICTION_VARIANCE = {"full-weighting": 0.5, "average": 0.25}
+RESTRICTION_VARIANCE = {"full-weighting": 0.5, "full-weighting-neumann": 0.5, "average": 0.25}
 
 
 def handover_sigma(sigma_px: float, pair: str) -> float:

@@ -82,6 +82,10 @@ class ODENetConfig:
     # image widths; None: stencil_scale. The same operators for every L; a larger L trains the
     # derivative terms faster (mscnn.stencils)
     stencil_length: float | None = None
+    # consistent kinds: unit u's Gaussian sigma (gaussian) / the opening's is stencil_scale * growth**u;
+    # 2: the same sigma in each unit's own pixels (every connective halves the grid), so the last
+    # unit's operator stays resolved when the network moves to a coarser grid (1: one sigma for all)
+    stencil_scale_growth: float = 1.0
     # a Gaussian applied to the input, sigma in image widths (0: none); set by a prefiltered move
     # (mscnn.hierarchy.to_resolution(prefilter=...)) so a finer grid sees the coarse bandwidth
     input_blur: float = 0.0
@@ -113,6 +117,9 @@ class ODENetConfig:
                 self.stencil_length > 0 and math.isfinite(self.stencil_length)):
             raise ValueError(
                 f"ODENetConfig.stencil_length: must be > 0 (or null), got {self.stencil_length!r}")
+        if not (self.stencil_scale_growth >= 1 and math.isfinite(self.stencil_scale_growth)):
+            raise ValueError(f"ODENetConfig.stencil_scale_growth: must be >= 1, got "
+                             f"{self.stencil_scale_growth!r}")
         if not (self.input_blur >= 0 and math.isfinite(self.input_blur)):
             raise ValueError(f"ODENetConfig.input_blur: must be >= 0, got {self.input_blur!r}")
         if not (isinstance(self.dilation, int) and self.dilation >= 1):
@@ -167,6 +174,13 @@ class ODENetConfig:
     def h(self) -> float:
         return 1.0 / self.n
 
+    @property
+    def boundary(self) -> str:
+        """The network's boundary condition, its transfer pair's (``mscnn.transfer.PAIRS``):
+        ``"neumann"`` with ``"full-weighting-neumann"`` (the consistent kinds' blur and differences
+        too, and the input's prefilter), else ``"zero"``."""
+        return get_pair(self.pair).boundary
+
     def replace(self, **changes) -> ODENetConfig:
         return replace(self, **changes)
 
@@ -175,7 +189,7 @@ class ODENetConfig:
         d["channels"] = self.unit_channels if not isinstance(self.channels, int) else self.channels
         d["steps"] = list(self.steps) if not isinstance(self.steps, int) else self.steps
         # model.json of networks without them stays as it was
-        return omit_later(d, {"dilation": 1, "subgrid_connectives": False})
+        return omit_later(d, {"dilation": 1, "subgrid_connectives": False, "stencil_scale_growth": 1.0})
 
     @classmethod
     def from_dict(cls, d: dict) -> ODENetConfig:
@@ -195,9 +209,9 @@ class EulerUnit(nn.Module):
 
     def __init__(self, channels: int, steps: int, T: float, act: str = "tanh",
                  stencil: str = "free", scale: float = 0.05, dilation: int = 1,
-                 length: float | None = None) -> None:
+                 length: float | None = None, boundary: str = "zero") -> None:
         super().__init__()
-        self.T, self.dilation = float(T), int(dilation)
+        self.T, self.dilation, self.boundary = float(T), int(dilation), boundary
         self.act_name, self.stencil, self.scale = act, stencil_kind(stencil), float(scale)
         self.length = float(length) if length is not None else self.scale
         taps = (3, 3) if stencil == "free" else (6,)
@@ -217,7 +231,7 @@ class EulerUnit(nn.Module):
         act, dt = activation(self.act_name), self.dt
         for k in range(self.steps):
             y = y + dt * act(stencil_conv(y, self.K[k], self.b[k], self.stencil, self.scale,
-                                          self.dilation, self.length))
+                                          self.dilation, self.length, self.boundary))
         return y
 
 
@@ -265,13 +279,14 @@ class ODENet(nn.Module):
         self.config = config
         chans, steps = config.unit_channels, config.unit_steps
         kind, scale, length = config.stencil, config.stencil_scale, config.stencil_length
-        d = config.dilation
+        d, bc, growth = config.dilation, config.boundary, config.stencil_scale_growth
         self.opening = (nn.Conv2d(config.in_channels, chans[0], 3, padding=d, dilation=d) if kind == "free"
                         else StencilConv(config.in_channels, chans[0], layer_kind(kind, "opening"), scale,
-                                         length=length))
+                                         length=length, boundary=bc))
         self.units = nn.ModuleList(
-            EulerUnit(c, s, config.T, config.activation, layer_kind(kind, "units"), scale, d, length)
-            for c, s in zip(chans, steps, strict=True)
+            EulerUnit(c, s, config.T, config.activation, layer_kind(kind, "units"), scale * growth**u,
+                      d, length, bc)
+            for u, (c, s) in enumerate(zip(chans, steps, strict=True))
         )
         self.connectives = nn.ModuleList(
             Connective(a, b, config.activation, config.pair, d if config.subgrid_connectives else 1)
@@ -295,7 +310,7 @@ class ODENet(nn.Module):
                 f"ODENet: expected input (B, {c.in_channels}, {c.n}, {c.n}), got {tuple(x.shape)}"
             )
         if c.input_blur:
-            x = blur(x, c.input_blur)
+            x = blur(x, c.input_blur, c.boundary)
         y = activation(c.activation)(self.opening(x))
         for u, unit in enumerate(self.units):
             if u:

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ORDERS", "STENCILS", "StencilConv", "blur", "derivative_stencils", "gaussian_taps", "layer_kind",
-           "stencil_kind"]
+__all__ = ["BOUNDARIES", "ORDERS", "STENCILS", "StencilConv", "blur", "derivative_stencils", "gaussian_taps",
+           "layer_kind", "stencil_kind"]
 
 ORDERS = (0, 1, 1, 2, 2, 2)
 
@@ -94,10 +94,10 @@ class StencilConv(nn.Module):
     ``(out, in, 6)`` for the consistent kinds (derivative coefficients)."""
 
     def __init__(self, c_in: int, c_out: int, kind: str = "free", scale: float = 0.05,
-                 bias: bool = True, length: float | None = None) -> None:
+                 bias: bool = True, length: float | None = None, boundary: str = "zero") -> None:
         super().__init__()
         stencil_kind(kind)
-        self.kind, self.scale = kind, float(scale)
+        self.kind, self.scale, self.boundary = kind, float(scale), _boundary(boundary)
         self.length = float(length) if length is not None else self.scale
         shape = (c_out, c_in, 3, 3) if kind == "free" else (c_out, c_in, 6)
         fan_in = c_in * (9 if kind == "free" else 6)
@@ -106,26 +106,46 @@ class StencilConv(nn.Module):
         self.bias = nn.Parameter(torch.empty(c_out).uniform_(-bound, bound)) if bias else None
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return stencil_conv(y, self.weight, self.bias, self.kind, self.scale, length=self.length)
+        return stencil_conv(y, self.weight, self.bias, self.kind, self.scale, length=self.length,
+                            boundary=self.boundary)
+
+
+BOUNDARIES = ("zero", "neumann")
+
+
+def _boundary(boundary: str) -> str:
+    if boundary not in BOUNDARIES:
+        raise ValueError(f"unknown stencil boundary {boundary!r}; valid: {list(BOUNDARIES)}")
+    return boundary
 
 
 @lru_cache(maxsize=64)
-def _blur_matrix(n: int, sigma_px: float) -> torch.Tensor | None:
-    """The ``n x n`` banded (symmetric) matrix of ``gaussian_taps(sigma_px)`` with zero padding,
-    float64; ``None`` where the taps are the identity."""
+def _blur_matrix(n: int, sigma_px: float, boundary: str = "zero") -> torch.Tensor | None:
+    """The ``n x n`` banded matrix ``G`` of ``gaussian_taps(sigma_px)``, float64, applied as
+    ``G @ y @ G.T``; ``None`` where the taps are the identity. ``"zero"``: zero padding (symmetric;
+    the border darkens); ``"neumann"``: taps beyond the border fold back onto their half-sample
+    mirror images (pixel ``-1 - k`` is pixel ``k``), so every row sums to 1 and a constant image
+    stays constant on every grid."""
     g = gaussian_taps(sigma_px)
     r = (len(g) - 1) // 2
     if r == 1 and g[1] == 1:
         return None
     i = torch.arange(n)
-    off = i.view(1, n) - i.view(n, 1) + r  # G[i, j] = g[j - i + r]
-    inside = (off >= 0) & (off < len(g))
-    return torch.where(inside, g[off.clamp(0, len(g) - 1)], torch.zeros((), dtype=torch.float64))
+    j = i.view(n, 1) + torch.arange(-r, r + 1).view(1, -1)  # (n, taps): the column of each tap
+    if boundary == "zero":
+        inside = (j >= 0) & (j < n)
+        w, j = torch.where(inside, g.view(1, -1), torch.zeros((), dtype=torch.float64)), j.clamp(0, n - 1)
+    else:
+        while ((j < 0) | (j >= n)).any():  # fold until inside (taps wider than the image)
+            j = torch.where(j < 0, -1 - j, torch.where(j >= n, 2 * n - 1 - j, j))
+        w = g.view(1, -1).expand(n, -1)
+    return torch.zeros(n, n, dtype=torch.float64).scatter_add_(1, j, w.contiguous())
 
 
 @lru_cache(maxsize=64)
-def _blur_on(n: int, sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    G = _blur_matrix(n, sigma * n)
+def _blur_on(n: int, sigma: float, dtype: torch.dtype, device: torch.device,
+             boundary: str = "zero") -> torch.Tensor | None:
+    G = _blur_matrix(n, sigma * n, boundary)
     return None if G is None else G.to(dtype=dtype, device=device)
 
 
@@ -134,29 +154,37 @@ def _differences_on(n: int, scale: float, dtype: torch.dtype, device: torch.devi
     return derivative_stencils(1.0 / n, scale).to(dtype=dtype, device=device)
 
 
-def blur(y: torch.Tensor, sigma: float) -> torch.Tensor:
+def blur(y: torch.Tensor, sigma: float, boundary: str = "zero") -> torch.Tensor:
     """``G_sigma y`` for images ``(..., n, n)`` on the unit square (``sigma`` in image widths):
-    the separable sampled Gaussian of ``sigma * n`` pixels, zero padding, as two products with
-    a banded ``n x n`` matrix (BLAS; several times faster than a depthwise convolution)."""
-    G = _blur_on(y.shape[-1], float(sigma), y.dtype, y.device)
-    return y if G is None else G @ y @ G
+    the separable sampled Gaussian of ``sigma * n`` pixels, zero padding (``boundary="zero"``) or
+    half-sample mirrored (``"neumann"``), as two products with a banded ``n x n`` matrix (BLAS;
+    several times faster than a depthwise convolution)."""
+    G = _blur_on(y.shape[-1], float(sigma), y.dtype, y.device, boundary)
+    return y if G is None else G @ y @ G.T
 
 
 def stencil_conv(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str,
-                 scale: float, dilation: int = 1, length: float | None = None) -> torch.Tensor:
+                 scale: float, dilation: int = 1, length: float | None = None,
+                 boundary: str = "zero") -> torch.Tensor:
     """The functional form of ``StencilConv`` (what ``EulerUnit`` calls with one time step's
     weights). The consistent kinds build their effective 3x3 kernel ``sum_a theta_a D_a`` and run
     one dense conv, on the Gaussian-blurred input for ``"gaussian"`` (``D_a G y = D_a (G y)``:
     the derivatives of the blurred field), so they cost a free 3x3 conv plus, for ``"gaussian"``,
     one separable blur. ``dilation``: the free stencil's tap spacing in pixels; ``length``: the
-    consistent kinds' normalising length ``L`` (``scale`` when ``None``)."""
+    consistent kinds' normalising length ``L`` (``scale`` when ``None``); ``boundary``: the
+    consistent kinds' boundary condition, ``"zero"`` (zero padding: the field jumps to 0 at the
+    border, and the difference stencils see that jump as ``1/h`` and ``1/h^2`` terms that grow on
+    finer grids) or ``"neumann"`` (the blur mirrored and the field's border pixel repeated: no
+    jump, the same operator on every grid; free stencils keep zero padding)."""
     if kind == "free":
         return F.conv2d(y, weight, bias, padding=dilation, dilation=dilation)
     d = _differences_on(y.shape[-1], float(scale if length is None else length), weight.dtype,
                         weight.device)
     kernel = torch.einsum("oia,apq->oipq", weight, d)
     if kind == "gaussian":
-        y = blur(y, scale)
+        y = blur(y, scale, boundary)
+    if boundary == "neumann":
+        return F.conv2d(F.pad(y, (1, 1, 1, 1), mode="replicate"), kernel, bias)
     return F.conv2d(y, kernel, bias, padding=1)
 
 

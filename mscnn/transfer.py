@@ -10,6 +10,12 @@ on each axis separately (2D operators are tensor products of 1D ones):
     ``R = P^T / 4``: the stencil ``[[1,2,1],[2,4,2],[1,2,1]]/16`` at the even fine pixels.
 ``"average"``
     cell-centred ``2x2`` averaging ``R`` and piecewise-constant ``P = 4 R^T``; ``R P = I``.
+``"full-weighting-neumann"``
+    full weighting with the weights that fall inside the image renormalised at its border
+    (``R 1 = 1``, ``P 1 = 1``): the same operators in the interior (and the same Galerkin stencil
+    map), no darkened border ring. The zero boundary of ``"full-weighting"`` is harmless for MNIST
+    (black background) but makes every image's border an edge, on a different ring at each grid,
+    for natural images and for features that are not 0 there (benchmarks/RESULTS.md).
 
 A stencil ``s`` acts as a ``torch.nn.functional.conv2d`` weight (cross-correlation,
 ``(K y)[i] = sum_k s[k] y[i+k]``). Its coarse-grid version is the Galerkin product
@@ -65,11 +71,20 @@ class TransferPair:
     r_offset: int
     p: tuple[float, ...]
     p_offset: int
+    # "zero": values beyond the image are 0 (the paper's convention: full weighting darkens the
+    # first row and column by 3/4, linear interpolation the last by 1/2); "neumann": the weights
+    # that fall inside are renormalised to sum 1 (``R 1 = 1``, ``P 1 = 1``), so an image's border
+    # is not an edge on any grid
+    boundary: str = "zero"
 
 
 PAIRS: dict[str, TransferPair] = {
     "full-weighting": TransferPair("full-weighting", (0.25, 0.5, 0.25), -1, (0.5, 1.0, 0.5), -1),
     "average": TransferPair("average", (0.5, 0.5), 0, (1.0, 1.0), 0),
+    # full weighting in the interior, no darkened border ring: the pair for images whose
+    # background is not 0 (natural images), and for networks whose features are not 0 at the border
+    "full-weighting-neumann": TransferPair("full-weighting-neumann", (0.25, 0.5, 0.25), -1,
+                                           (0.5, 1.0, 0.5), -1, "neumann"),
 }
 
 
@@ -124,6 +139,8 @@ def restrict_image(x: torch.Tensor, pair: str = "full-weighting") -> torch.Tenso
     k = _kernel_2d(pr.r, x)
     pad = -pr.r_offset
     y = F.conv2d(y, k, stride=2, padding=pad)
+    if pr.boundary == "neumann":
+        y = y / _inside_weight(pr.name, "r", x.shape[-1], x.dtype, x.device)
     return y.reshape(*lead, *y.shape[-2:])
 
 
@@ -147,7 +164,40 @@ def prolong_image(x: torch.Tensor, pair: str = "full-weighting") -> torch.Tensor
     # output size (n-1)*2 - 2*pad + len(p) + output_padding = 2n
     out_pad = 2 * y.shape[-1] - ((y.shape[-1] - 1) * 2 - 2 * pad + len(pr.p))
     y = F.conv_transpose2d(y, k, stride=2, padding=pad, output_padding=out_pad)
+    if pr.boundary == "neumann":
+        y = y / _inside_weight(pr.name, "p", x.shape[-1], x.dtype, x.device)
     return y.reshape(*lead, *y.shape[-2:])
+
+
+def _weights_1d(pair: str, which: str, n: int) -> torch.Tensor:
+    """The 1D restriction (``n -> n/2``, ``which="r"``) or prolongation (``n -> 2n``, ``"p"``)
+    matrix of ``pair``'s weights with zero boundary, float64."""
+    pr = get_pair(pair)
+    w, off, m = (pr.r, pr.r_offset, n // 2) if which == "r" else (pr.p, pr.p_offset, 2 * n)
+    a = torch.zeros(m, n, dtype=torch.float64)
+    if which == "r":
+        for big in range(m):
+            for j, v in enumerate(w):
+                if 0 <= 2 * big + off + j < n:
+                    a[big, 2 * big + off + j] = v
+    else:
+        for big in range(n):
+            for j, v in enumerate(w):
+                if 0 <= 2 * big + off + j < m:
+                    a[2 * big + off + j, big] = v
+    return a
+
+
+@cache
+def _inside_weight_64(pair: str, which: str, n: int) -> torch.Tensor:
+    s = _weights_1d(pair, which, n).sum(dim=1)
+    return torch.outer(s, s)
+
+
+def _inside_weight(pair: str, which: str, n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The 2D sums of the weights that fall inside an ``n x n`` image: what a ``"neumann"`` pair
+    divides by (1 in the interior)."""
+    return _inside_weight_64(pair, which, n).to(dtype=dtype, device=device)
 
 
 def level_operator(n: int, sigma: float, pair: str = "full-weighting") -> torch.Tensor:
@@ -178,12 +228,9 @@ def level_operator(n: int, sigma: float, pair: str = "full-weighting") -> torch.
         for i in range(n):
             for k in range(2 * rad + 1):
                 blur[i, min(max(i + k - rad, 0), n - 1)] += g[k]
-    r = torch.zeros(n // 2, n, dtype=torch.float64)
-    for big in range(n // 2):
-        for j, w in enumerate(pr.r):
-            c = 2 * big + pr.r_offset + j
-            if 0 <= c < n:
-                r[big, c] = w
+    r = _weights_1d(pair, "r", n)
+    if pr.boundary == "neumann":
+        r = r / r.sum(dim=1, keepdim=True)
     return r @ blur
 
 

@@ -366,7 +366,7 @@ class ScheduleConfig(_Strict):
         d = self.model_dump(exclude={"storage_path", "experiment", "scaling", "register_model"})
         # fields added later leave the hash of a schedule that does not use them unchanged
         omit_later(d["model"], {"input_blur": 0.0, "dilation": 1, "subgrid_connectives": False,
-                                "stencil_length": None})
+                                "stencil_length": None, "stencil_scale_growth": 1.0})
         for lv in d["levels"]:
             if lv.get("prefilter") is True:  # its sigma changed in session 12: not resumed as before
                 lv["prefilter"] = "handover_sigma"

@@ -1,6 +1,8 @@
 """Scale-consistent stencils (mscnn.stencils): convergence under refinement, exactness on
 polynomials, resolution-free parameters, differentiability, clear errors."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -145,3 +147,69 @@ def test_stencil_length_travels_in_checkpoints(tmp_path):
     assert back.config.stencil_length == 0.14 and back.units[0].length == 0.14
     x = torch.randn(2, 1, 8, 8)
     torch.testing.assert_close(back(x), net(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n,sigma", [(14, 0.05), (28, 0.05), (7, 0.05), (7, 0.45)])
+def test_neumann_blur_and_differences_match_a_mirrored_reference(n, sigma):
+    """``boundary="neumann"``: the blur is the sampled Gaussian correlated with the half-sample
+    mirrored image (scipy's ``reflect``, also where the taps are wider than the image: 0.45 x 7
+    is 3.2 px, radius 13), then the difference kernel on the field with its border repeated; a
+    constant image gives theta_0 times it at every pixel, the border included, on every grid
+    (zero padding does not: checked too)."""
+    import numpy as np
+    import scipy.ndimage
+
+    from mscnn.stencils import blur, derivative_stencils, gaussian_taps
+
+    g = torch.Generator().manual_seed(n)
+    y = torch.randn(2, 3, n, n, dtype=torch.float64, generator=g)
+    taps = gaussian_taps(sigma * n).numpy()
+    ref = scipy.ndimage.correlate1d(y.numpy(), taps, axis=-1, mode="reflect")
+    ref = scipy.ndimage.correlate1d(ref, taps, axis=-2, mode="reflect")
+    torch.testing.assert_close(blur(y, sigma, "neumann"), torch.from_numpy(ref), rtol=0, atol=1e-12)
+
+    theta = torch.randn(4, 3, 6, dtype=torch.float64, generator=g)
+    kernel = torch.einsum("oia,apq->oipq", theta, derivative_stencils(1 / n, 0.14)).numpy()
+    want = np.zeros((2, 4, n, n))
+    for o in range(4):
+        for i in range(3):
+            want[:, o] += scipy.ndimage.correlate(ref[:, i], kernel[o, i][None], mode="nearest")
+    got = stencil_conv(y, theta, None, "gaussian", sigma, length=0.14, boundary="neumann")
+    torch.testing.assert_close(got, torch.from_numpy(want), rtol=0, atol=1e-11)
+
+    const = torch.full((1, 3, n, n), 2.0, dtype=torch.float64)
+    for kind in CONSISTENT:
+        out = stencil_conv(const, theta, None, kind, sigma, length=0.14, boundary="neumann")
+        torch.testing.assert_close(out, 2.0 * theta[..., 0].sum(1).view(1, 4, 1, 1).expand(1, 4, n, n))
+        zero = stencil_conv(const, theta, None, kind, sigma, length=0.14)
+        assert (zero - out)[..., 0, :].abs().max() > 0.1  # the zero border is an edge
+
+
+def test_network_boundary_and_scale_growth():
+    """The pair sets the boundary of every consistent layer and of the prefilter; unit u's sigma is
+    ``stencil_scale * growth**u``; both travel in checkpoints, and a constant image's features are
+    constant on every grid with the Neumann pair."""
+    from mscnn.checkpoint import load_checkpoint
+
+    net = ODENet(channels=[3, 4, 5], steps=1, n=16, stencil="gaussian", stencil_scale=0.05,
+                 stencil_scale_growth=2.0, pair="full-weighting-neumann", input_blur=0.04)
+    assert [u.scale for u in net.units] == [0.05, 0.1, 0.2] and net.opening.scale == 0.05
+    assert {u.boundary for u in net.units} == {net.opening.boundary} == {"neumann"}
+    assert ODENet(channels=2, steps=1, n=8, stencil="gaussian").units[0].boundary == "zero"
+    assert "stencil_scale_growth" not in ODENetConfig().to_dict()  # old model.json unchanged
+    d = net.config.to_dict()
+    assert d["stencil_scale_growth"] == 2.0 and ODENetConfig.from_dict(d) == net.config
+    with pytest.raises(ValueError, match=r"stencil_scale_growth: must be >= 1, got 0.5"):
+        ODENetConfig(stencil_scale_growth=0.5)
+    with torch.no_grad():
+        for n in (16, 32, 64):
+            moved = to_resolution(net, n)
+            feats = moved.features(torch.full((1, 1, n, n), 0.7))
+            assert (feats - feats[..., :1, :1]).abs().max() < 1e-5, n
+    import tempfile
+
+    from mscnn.checkpoint import save_checkpoint
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(Path(d) / "m", net, {})
+        back, _ = load_checkpoint(Path(d) / "m")
+    assert [u.scale for u in back.units] == [0.05, 0.1, 0.2] and back.config.boundary == "neumann"

@@ -180,7 +180,7 @@ def test_bad_shapes_and_names_raise_clear_errors():
         gaussian_blur(torch.zeros(1, 4, 4), -1.0)
 
 
-@pytest.mark.parametrize("pair", ["full-weighting", "average"])
+@pytest.mark.parametrize("pair", ["full-weighting", "average", "full-weighting-neumann"])
 @pytest.mark.parametrize("sigma", [0.0, 0.6, 1.0, 2.5])
 @pytest.mark.parametrize("n", [4, 8, 12])
 def test_level_operator_is_the_pyramid_step_as_one_matrix(pair, sigma, n):
@@ -194,7 +194,35 @@ def test_level_operator_is_the_pyramid_step_as_one_matrix(pair, sigma, n):
     assert M.shape == (n // 2, n) and M.dtype == torch.float64
     want = restrict_image(gaussian_blur(x, sigma), pair)
     torch.testing.assert_close(M @ x @ M.T, want, rtol=0, atol=1e-12)
-    if pair == "average":
+    if pair != "full-weighting":  # the zero boundary's first row sums to 3/4
         torch.testing.assert_close(M.sum(1), torch.ones(n // 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="n must be even"):
         level_operator(n + 1, sigma, pair)
+
+
+def test_neumann_pair_is_full_weighting_renormalised_at_the_border():
+    """Dense reference: each row of the zero-boundary full-weighting R and P divided by its sum.
+    Constants are kept on every grid (the zero boundary darkens the first ring by 3/4 and the last
+    by 1/2), the interior is full weighting's, and so is the Galerkin stencil map."""
+    n = 8
+    x = torch.randn(3, n, n, dtype=torch.float64, generator=_rng())
+    R1 = dense.restriction_1d(n, "full-weighting")
+    R1 = R1 / R1.sum(1, keepdim=True)
+    want = (torch.kron(R1, R1) @ x.reshape(3, -1).T).T.reshape(3, n // 2, n // 2)
+    torch.testing.assert_close(restrict_image(x, "full-weighting-neumann"), want, rtol=0, atol=1e-14)
+    c = torch.randn(2, 4, 4, dtype=torch.float64, generator=_rng(1))
+    P1 = dense.prolongation_1d(4, "full-weighting")
+    P1 = P1 / P1.sum(1, keepdim=True)
+    want = (torch.kron(P1, P1) @ c.reshape(2, -1).T).T.reshape(2, 8, 8)
+    torch.testing.assert_close(prolong_image(c, "full-weighting-neumann"), want, rtol=0, atol=1e-14)
+
+    ones = torch.ones(1, n, n, dtype=torch.float64)
+    torch.testing.assert_close(restrict_image(ones, "full-weighting-neumann"), ones[..., :4, :4])
+    torch.testing.assert_close(prolong_image(ones[..., :4, :4], "full-weighting-neumann"), ones)
+    zero_bc = restrict_image(ones, "full-weighting")
+    assert zero_bc[0, 0, 0].item() == 0.5625 and zero_bc[0, 0, 1].item() == 0.75  # what it mends
+    assert prolong_image(ones[..., :4, :4], "full-weighting")[0, -1, 2].item() == 0.5
+    fw, nb = restrict_image(x, "full-weighting"), restrict_image(x, "full-weighting-neumann")
+    torch.testing.assert_close(nb[..., 1:, 1:], fw[..., 1:, 1:], rtol=0, atol=0)
+    torch.testing.assert_close(tr.galerkin_matrix("full-weighting-neumann"),
+                               tr.galerkin_matrix("full-weighting"))
