@@ -68,6 +68,7 @@ def run(name: str, plan: list[tuple[int, int]], data: dict, args, stencil: str =
                          T=args.T, activation=args.activation, in_channels=data[n][0].x.shape[1],
                          classes=int(max(s_.y.max() for s_ in data[n])) + 1, dilation=dil,
                          subgrid_connectives=args.subgrid_connectives, stencil_length=args.length,
+                         pair=args.pair, stencil_scale_growth=args.scale_growth,
                          input_blur=pyramid_blur(n // dil, n) if dil > 1 else 0.0)
         elif net.n != n:
             net = to_resolution(net, n, naive=args.transfer == "naive", lam=args.lam,
@@ -160,6 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=2, help="Euler steps per unit")
     ap.add_argument("--length", type=float, default=None,
                     help="consistent kinds: ODENetConfig.stencil_length (image widths)")
+    ap.add_argument("--scale-growth", type=float, default=1.0,
+                    help="consistent kinds: ODENetConfig.stencil_scale_growth (unit u: sigma * growth**u)")
+    ap.add_argument("--pair", default="full-weighting",
+                    help="transfer pair of the pyramid and the networks (full-weighting-neumann: "
+                         "Neumann boundaries)")
     ap.add_argument("--T", type=float, default=2.0, help="final time per unit")
     ap.add_argument("--activation", default="tanh")
     ap.add_argument("--batch-size", type=int, default=128)
@@ -199,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     d["train"] = Split(d["train"].x[keep], d["train"].y[keep])
     data = {size: (d["train"], d["val"])}
     for lv in (1, 2):
-        data[size >> lv] = tuple(coarsen(s_, lv, 1.0, "full-weighting") for s_ in (d["train"], d["val"]))
+        data[size >> lv] = tuple(coarsen(s_, lv, 1.0, args.pair) for s_ in (d["train"], d["val"]))
     single, coarse, after = args.epochs
     f, h, q = size, size // 2, size // 4
     plans = {f"1 level ({f})": [(f, single)],
@@ -243,7 +249,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{f', MGE plan batch sizes {args.mge}' if args.mge else ''}"
             f"{f', prefilter {args.prefilter_sigma:g} px' if args.prefilter_sigma != 1.0 else ''}"
             f"{f' lam={args.lam:g}' if args.lam else ''}, consistent kinds re-discretised"
-            f"{f' (stencil_length {args.length:g})' if args.length else ''}, "
+            f"{f' (stencil_length {args.length:g})' if args.length else ''}"
+            f"{f', growth {args.scale_growth:g} per unit' if args.scale_growth != 1 else ''}, "
+            f"pair {args.pair}, "
             f"seed {args.seed}, {args.repeats} alternating repeat(s) (times: median [min-max]); "
             f"{machine()}; {time.perf_counter() - t0:.0f} s.")
     cols = "".join(f" to {100 * t:g}%: s / fine epochs |" for t in args.targets)

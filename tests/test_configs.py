@@ -133,3 +133,21 @@ def test_a_dilated_estimator_needs_a_network_whose_taps_reach_the_coarsest_grid(
     implicit = ScheduleConfig.model_validate(base | {"levels": [{"n": 8}, {"n": 16, "estimator": {
         "name": "mge", "levels": 2, "batch_sizes": [96, 32]}}]})
     assert explicit.config_hash() == implicit.config_hash()  # the default move leaves hashes as they were
+
+
+def test_scale_growth_and_the_neumann_pair_are_schedule_fields():
+    """``model.stencil_scale_growth`` and ``model.pair: full-weighting-neumann`` reach every level's
+    network and the hash; a schedule without them keeps its hash (checked above); a bad growth
+    names the field."""
+    path = CONFIGS[0].parent
+    base = load_config(path / "mnist_multiscale_consistent.yaml", ScheduleConfig)
+    new = load_config(path / "mnist_multiscale_consistent.yaml", ScheduleConfig,
+                      {"model.stencil_scale_growth": 2.0, "model.pair": "full-weighting-neumann"})
+    assert new.config_hash() != base.config_hash()
+    for i in range(len(new.levels)):
+        cfg = new.model_config_for(i)
+        assert (cfg.stencil_scale_growth, cfg.boundary) == (2.0, "neumann")
+    assert base.model_config_for(0).boundary == "zero"
+    with pytest.raises(ValueError, match=r"stencil_scale_growth: must be >= 1, got 0\.5"):
+        load_config(path / "mnist_multiscale_consistent.yaml", ScheduleConfig,
+                    {"model.stencil_scale_growth": 0.5})
