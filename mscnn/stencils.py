@@ -24,6 +24,15 @@ derivative terms on the training grid (``(L / h)^|a|``): measured (MNIST, 3 seed
 (0.7 px at 14x14) cost 1.5-2 points of native accuracy, ``L = 0.14`` (2 px) left both kinds within
 0.4 points of free stencils (benchmarks/RESULTS.md).
 
+Boundaries (``boundary``; a network's comes from its transfer pair, ``ODENetConfig.boundary``):
+``"zero"`` pads the field with zeros, so an image whose border is not black has an edge there that
+the difference stencils see as ``1/h`` and ``1/h^2`` terms: a different operator on every grid.
+``"neumann"`` mirrors the blur's taps at the border and repeats the border pixel for the
+differences: a constant image gives constant features on every grid. Measured on natural images
+(Imagenette in gray, 28x28, 3 seeds): the Gaussian network moved 14 -> 28 lost 15.4 points under
+zero padding and 2.9 with Neumann boundaries, the full-weighting-neumann pair and
+``stencil_scale_growth`` 2 (benchmarks/RESULTS.md).
+
 The consistent kinds take ``h`` from their input (``h = 1 / width``: the image spans the unit
 square at every layer), so one module serves every grid: moving a network re-discretises nothing
 by hand and solves no 9x9 system. The six derivative fields, in order: ``1, d_x, d_y, d_xx, d_xy,
