@@ -187,6 +187,7 @@ def stencil_conv(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     jump, the same operator on every grid; free stencils keep zero padding)."""
     if kind == "free":
         return F.conv2d(y, weight, bias, padding=dilation, dilation=dilation)
+    _boundary(boundary)
     d = _differences_on(y.shape[-1], float(scale if length is None else length), weight.dtype,
                         weight.device)
     kernel = torch.einsum("oia,apq->oipq", weight, d)

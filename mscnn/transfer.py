@@ -189,15 +189,11 @@ def _weights_1d(pair: str, which: str, n: int) -> torch.Tensor:
 
 
 @cache
-def _inside_weight_64(pair: str, which: str, n: int) -> torch.Tensor:
-    s = _weights_1d(pair, which, n).sum(dim=1)
-    return torch.outer(s, s)
-
-
 def _inside_weight(pair: str, which: str, n: int, dtype: torch.dtype, device) -> torch.Tensor:
     """The 2D sums of the weights that fall inside an ``n x n`` image: what a ``"neumann"`` pair
-    divides by (1 in the interior)."""
-    return _inside_weight_64(pair, which, n).to(dtype=dtype, device=device)
+    divides by (1 in the interior); cached per dtype and device (connectives call it every step)."""
+    s = _weights_1d(pair, which, n).sum(dim=1)
+    return torch.outer(s, s).to(dtype=dtype, device=device)
 
 
 def level_operator(n: int, sigma: float, pair: str = "full-weighting") -> torch.Tensor:
