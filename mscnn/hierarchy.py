@@ -42,6 +42,7 @@ from mscnn.transfer import prolong_image, prolong_stencil, restrict_image, restr
 __all__ = [
     "LAYER_GROUPS",
     "RESTRICTION_VARIANCE",
+    "choose_prefilter",
     "handover_sigma",
     "interpolate_in_time",
     "levels_between",
@@ -226,6 +227,26 @@ def to_resolution(
     new = ODENet(new_cfg).to(device=p.device, dtype=p.dtype)
     new.load_state_dict(state)
     return new
+
+
+def choose_prefilter(model: ODENet, n: int, val, sigmas, **move) -> tuple[float, dict[float, float]]:
+    """The prefilter (pixels per level, ``to_resolution(prefilter=...)``) among ``sigmas`` whose
+    moved network classifies ``val`` (a ``mscnn.data.Split`` of ``n x n`` images: a validation
+    split, never the test set) best, and every sigma's accuracy. Ties go to the smaller sigma (less
+    of the fine image blurred away). ``move``: the other ``to_resolution`` options (``naive``,
+    ``dilate``, ...). ``handover_sigma`` is the pyramid's bandwidth, the default a schedule uses;
+    measured on natural images the best sigma is often larger (``benchmarks/move_gap.py``)."""
+    from mscnn.train import accuracy
+
+    sigmas = sorted({float(s) for s in sigmas})
+    if not sigmas or sigmas[0] < 0:
+        raise ValueError(f"choose_prefilter: sigmas must be a non-empty list of values >= 0, got {sigmas}")
+    if tuple(val.x.shape[-2:]) != (n, n):
+        raise ValueError(f"choose_prefilter: validation images are {tuple(val.x.shape[-2:])}, the move "
+                         f"is to {n}x{n}")
+    scores = {s: accuracy(to_resolution(model, n, prefilter=s, **move), val) for s in sigmas}
+    best = max(sigmas, key=lambda s: (scores[s], -s))
+    return best, scores
 
 
 def interpolate_in_time(theta: torch.Tensor, steps: int) -> torch.Tensor:

@@ -174,3 +174,39 @@ def test_dilated_move_errors_name_the_cause():
         ODENet(channels=2, steps=1, n=8, stencil="moment", dilation=2)
     assert "dilation" not in net.config.to_dict()  # files of undilated networks are unchanged
     assert to_resolution(net, 16, dilate=True).config.to_dict()["dilation"] == 2
+
+
+def test_choose_prefilter_returns_the_sigma_that_classifies_the_validation_split_best():
+    from mscnn.data import Split
+    from mscnn.hierarchy import choose_prefilter
+    from mscnn.train import accuracy
+
+    torch.manual_seed(3)
+    net = ODENet(channels=2, steps=1, n=8, stencil="gaussian", classes=3)
+    # a label that a 16x16 image's fine detail decides: blurring it away changes the answers
+    x = torch.randn(60, 1, 16, 16)
+    y = net.to(torch.float32)(restrict_image(x)).argmax(1)
+    val = Split(x, y)
+    best, scores = choose_prefilter(net, 16, val, [2.0, 0.0, 1.0])
+    assert list(scores) == [0.0, 1.0, 2.0]
+    for s, acc in scores.items():  # each score is the moved network's own accuracy
+        assert acc == accuracy(to_resolution(net, 16, prefilter=s), val)
+    assert scores[best] == max(scores.values())
+    assert len(set(scores.values())) > 1  # the data decides; the choice is not a default
+
+
+def test_choose_prefilter_breaks_ties_towards_less_blur_and_checks_its_input():
+    from mscnn.data import Split
+    from mscnn.hierarchy import choose_prefilter
+
+    net = ODENet(channels=2, steps=1, n=8, classes=3)
+    with torch.no_grad():  # constant logits: every sigma scores the same
+        for p in net.classifier.parameters():
+            p.zero_()
+    val = Split(torch.randn(10, 1, 16, 16), torch.zeros(10, dtype=torch.long))
+    best, scores = choose_prefilter(net, 16, val, [1.5, 0.5, 1.0])
+    assert best == 0.5 and set(scores.values()) == {1.0}
+    with pytest.raises(ValueError, match="validation images are \\(8, 8\\)"):
+        choose_prefilter(net, 16, Split(torch.randn(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)), [1.0])
+    with pytest.raises(ValueError, match="sigmas must be"):
+        choose_prefilter(net, 16, val, [-1.0])
