@@ -11,16 +11,17 @@ learning rate per stage, random horizontal flips, early stopping on validation a
 
 * ``fine only``: train at the fine resolution;
 * ``coarse then fine (<transfer>)``: train at the coarse resolution once, move the network with
-  ``resnet_to_resolution`` (each of ``--transfer``: galerkin, naive or both), recalibrate batch norm
-  on fine images, continue at the fine resolution. With both transfers the coarse stage is shared
-  and counted in each row's wall-clock.
+  ``resnet_to_resolution`` (each of ``--transfer``), recalibrate batch norm on fine images, continue
+  at the fine resolution. With several transfers the coarse stage is shared and counted in each
+  row's wall-clock. Free ResNets (``--stencil free``): ``galerkin``, ``naive`` and
+  ``naive-prefilter`` (the network blurs its input to the coarse images' bandwidth,
+  ``handover_sigma``, and keeps that blur in the fine stage, as the ODE network's prefiltered
+  handover does); scale-consistent ResNets (``--stencil gaussian`` etc., ``mscnn.resnet``):
+  ``consistent`` (the same weights re-discretised) and ``consistent-prefilter``.
 
 Reports best validation accuracy, wall-clock, fine-equivalent epochs (an epoch at resolution ``n``
 costs ``(n / fine)^2``), and the coarse network's accuracy on fine images before any fine training
-(naive, Galerkin, and each after batch-norm recalibration; and naive on fine images blurred to the
-coarse images' bandwidth, ``pyramid_blur`` with ``handover_sigma``: the prefilter the ODE
-network's handover uses, as a measurement only -- the ResNet has no input blur to carry it into a
-fine stage).
+(every handover that applies to ``--stencil``, each also after batch-norm recalibration).
 """
 
 from __future__ import annotations
@@ -34,11 +35,14 @@ import torch
 from common import ROOT, machine, metrics_of, publish
 
 from mscnn.data import Split, find_data_dir, load_image_folder
-from mscnn.hierarchy import handover_sigma, pyramid_blur
+from mscnn.hierarchy import handover_sigma
 from mscnn.recalibrate import recalibrate_batchnorm
-from mscnn.resnet import resnet34, resnet_to_resolution
+from mscnn.resnet import ResNetConfig, build_resnet, resnet_to_resolution
 from mscnn.train import TorchStep, evaluate, fit, split_batches
 from mscnn.transfer import gaussian_blur, restrict_image
+
+HANDOVERS_FREE = ["galerkin", "naive", "naive-prefilter"]
+HANDOVERS_CONSISTENT = ["consistent", "consistent-prefilter"]
 
 
 def find_data(arg: str | None) -> Path:
@@ -96,13 +100,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--wd", type=float, default=5e-4)
-    ap.add_argument("--transfer", choices=["galerkin", "naive"], nargs="+", default=["galerkin"])
+    ap.add_argument("--transfer", choices=HANDOVERS_FREE + HANDOVERS_CONSISTENT, nargs="+",
+                    default=["galerkin"],
+                    help="the handovers whose fine stage is trained (consistent*: with --stencil not free)")
+    ap.add_argument("--stencil", default="free", help="ResNetConfig.stencil (mscnn.resnet.RESNET_STENCILS)")
+    ap.add_argument("--pair", default="full-weighting", help="transfer pair (pyramid, handover, boundaries)")
+    ap.add_argument("--scale", type=float, default=0.05, help="ResNetConfig.stencil_scale")
+    ap.add_argument("--length", type=float, default=None, help="ResNetConfig.stencil_length")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     if args.fine % args.coarse or (args.fine // args.coarse) & (args.fine // args.coarse - 1):
         ap.error(f"--fine {args.fine} must be --coarse {args.coarse} times a power of 2")
+    wrong = [t for t in args.transfer if (t in HANDOVERS_CONSISTENT) != (args.stencil != "free")]
+    if wrong:
+        ap.error(f"--transfer {wrong} does not apply to --stencil {args.stencil}")
     device = torch.device(args.device)
     levels = (args.fine // args.coarse).bit_length() - 1
     t_all = time.perf_counter()
@@ -117,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     def coarsen(d: Split) -> Split:
         x = d.x
         for _ in range(levels):
-            x = restrict_image(gaussian_blur(x, 1.0))
+            x = restrict_image(gaussian_blur(x, 1.0), args.pair)
         return Split(x.contiguous(), d.y)
 
     train_c, val_c = coarsen(train, ), coarsen(val)
@@ -128,39 +141,38 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.coarse} from {root} in {t_data:.1f} s; device {device}", flush=True)
     rows = {}
 
-    def new_net():
+    def new_net(n: int):
         torch.manual_seed(args.seed)
-        net = resnet34(len(classes)).to(device)
+        cfg = ResNetConfig(classes=len(classes), n=n, pair=args.pair, stencil=args.stencil,
+                           stencil_scale=args.scale, stencil_length=args.length)
+        net = build_resnet(cfg).to(device)
         return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
     print(f"fine only ({args.fine}x{args.fine})", flush=True)
     t0 = time.perf_counter()
-    net = new_net()
+    net = new_net(args.fine)
     h = train_stage(net, train, val, args, device, args.max_epochs, print)
     rows["fine only"] = dict(best_val=max(r["val_acc"] for r in h), seconds=time.perf_counter() - t0,
                              epochs=len(h), fine_equiv=float(len(h)), history=h)
 
     print(f"coarse ({args.coarse}x{args.coarse}) then fine", flush=True)
     t0 = time.perf_counter()
-    net = new_net()
+    net = new_net(args.coarse)
     hc = train_stage(net, train_c, val_c, args, device, args.max_epochs, print)
     t_coarse = time.perf_counter() - t0
     before, moved_nets = {}, {}
     bn_batches = [train.x[i : i + args.batch] for i in range(0, min(len(train), 1024), args.batch)]
-    for name, naive in (("naive", True), ("galerkin", False)):
-        moved = resnet_to_resolution(net, levels, naive=naive)
+    # the prefilter: the fine images taken to the coarse images' bandwidth (the pyramid's blur and
+    # the restriction's own smoothing), as the ODE network's handover does
+    px = handover_sigma(1.0, args.pair)
+    for name in (HANDOVERS_FREE if args.stencil == "free" else HANDOVERS_CONSISTENT):
+        moved = resnet_to_resolution(net, levels, naive=name.startswith("naive"), pair=args.pair,
+                                     prefilter=px if name.endswith("prefilter") else 0.0)
         before[name] = evaluate_on(moved, val, device, args.batch * 2)
         recalibrate_batchnorm(moved, bn_batches)
         before[f"{name} + BN recalibration"] = evaluate_on(moved, val, device, args.batch * 2)
         if name in args.transfer:
             moved_nets[name] = moved
-    # the fine images at the coarse images' bandwidth (the pyramid's blur and the restriction's)
-    px = pyramid_blur(args.coarse, args.fine, handover_sigma(1.0, "full-weighting")) * args.fine
-    blurred = Split(gaussian_blur(val.x, px), val.y)
-    moved = resnet_to_resolution(net, levels, naive=True)
-    before["naive + prefilter"] = evaluate_on(moved, blurred, device, args.batch * 2)
-    recalibrate_batchnorm(moved, [gaussian_blur(b, px) for b in bn_batches])
-    before["naive + prefilter + BN recalibration"] = evaluate_on(moved, blurred, device, args.batch * 2)
     print("  coarse network on fine images: " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in
                                                           before.items()), flush=True)
     ratio = (args.coarse / args.fine) ** 2
@@ -178,7 +190,10 @@ def main(argv: list[str] | None = None) -> None:
         r["fine_epochs_to_fine_only_best"] = next(
             (i + 1 for i, e in enumerate(r["history"]) if e["val_acc"] >= target), None)
 
-    head = (f"ResNet-34 (3x3 stem, stride 1; GAP -> softmax) on Imagenette ({len(train)} train / "
+    head = (f"ResNet-34 (3x3 stem, stride 1; GAP -> softmax; stencil {args.stencil}, pair {args.pair}"
+            + (f", stencil_scale {args.scale}, stencil_length {args.length}"
+               if args.stencil != "free" else "")
+            + f") on Imagenette ({len(train)} train / "
             f"{len(val)} val, 10 classes), fine {args.fine}, coarse {args.coarse}; AdamW lr {args.lr} "
             f"one-cycle per stage, batch {args.batch}, at most {args.max_epochs} epochs per stage, "
             f"patience {args.patience}; {machine()}; device {device}; total "
@@ -196,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
            f"{args.coarse}x{args.coarse}) on {args.fine}x{args.fine} images before fine training: "
            + ", ".join(f"{k} {100 * v:.2f}%" for k, v in before.items()) + "."]
     metrics = metrics_of(rows)
-    stem = f"resnet34_imagenette_{args.coarse}_{args.fine}_{'_'.join(args.transfer)}_{device.type}"
+    kind = "" if args.stencil == "free" else f"{args.stencil}_"
+    stem = f"resnet34_imagenette_{kind}{args.coarse}_{args.fine}_{'_'.join(args.transfer)}_{device.type}"
     publish(args.out, stem, "\n".join(md), {"args": vars(args), "rows": rows}, vars(args), metrics)
 
 

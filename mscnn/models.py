@@ -85,16 +85,16 @@ def _resnet_handover(model: nn.Module, target: ResNetConfig, naive: bool = False
 
     from mscnn.resnet import resnet_to_resolution
 
-    if prefilter or dilate:
-        raise ValueError(f"{'prefilter' if prefilter else 'dilate'}: an ODE-network handover "
-                         "(model.arch: odenet), not resnet34")
+    if dilate:
+        raise ValueError("dilate: an ODE-network handover (model.arch: odenet), not resnet34")
     if model.config.n == target.n:
         return model, []
     levels = round(math.log2(target.n / model.config.n))
     if model.config.n * 2.0**levels != target.n:
         raise ValueError(f"n: {target.n} is not {model.config.n} times a power of 2")
-    model = resnet_to_resolution(model, levels, naive=naive, pair=target.pair, lam=lam)
-    opts = (", naive" if naive else "") + (f", lam={lam:g}" if lam else "")
+    model = resnet_to_resolution(model, levels, naive=naive, pair=target.pair, lam=lam, prefilter=prefilter)
+    opts = (", naive" if naive else "") + (f", prefilter={prefilter:g}" if prefilter else "")
+    opts += f", lam={lam:g}" if lam else ""
     return model, [f"resnet_to_resolution({target.n}{opts})"]
 
 

@@ -312,9 +312,6 @@ class ScheduleConfig(_Strict):
                 if lv.optim.name == "bcd":
                     raise ValueError(f"levels.{i}.optim.name: bcd trains the ODE network "
                                      "(model.arch: odenet), not resnet34")
-                if lv.prefilter:
-                    raise ValueError(f"levels.{i}.prefilter: an input blur of the ODE network "
-                                     "(model.arch: odenet), not resnet34")
                 if lv.dilate:
                     raise ValueError(f"levels.{i}.dilate: dilated stencils are an ODE-network "
                                      "handover (model.arch: odenet), not resnet34")
@@ -367,6 +364,8 @@ class ScheduleConfig(_Strict):
         # fields added later leave the hash of a schedule that does not use them unchanged
         omit_later(d["model"], {"input_blur": 0.0, "dilation": 1, "subgrid_connectives": False,
                                 "stencil_length": None, "stencil_scale_growth": 1.0})
+        if d["model"]["arch"] == "resnet34":  # its stencil fields came later than the ODE network's
+            omit_later(d["model"], {"stencil": "free", "stencil_scale": 0.05})
         for lv in d["levels"]:
             if lv.get("prefilter") is True:  # its sigma changed in session 12: not resumed as before
                 lv["prefilter"] = "handover_sigma"
