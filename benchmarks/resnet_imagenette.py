@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in (HANDOVERS_FREE if args.stencil == "free" else HANDOVERS_CONSISTENT):
         moved = resnet_to_resolution(net, levels, naive=name.startswith("naive"), pair=args.pair,
                                      prefilter=px if name.endswith("prefilter") else 0.0)
+        if device.type == "cuda":  # a rebuilt network (consistent, prefilter) starts contiguous
+            moved = moved.to(memory_format=torch.channels_last)
         before[name] = evaluate_on(moved, val, device, args.batch * 2)
         recalibrate_batchnorm(moved, bn_batches)
         before[f"{name} + BN recalibration"] = evaluate_on(moved, val, device, args.batch * 2)

@@ -41,6 +41,7 @@ from mscnn.transfer import prolong_image, prolong_stencil, restrict_image, restr
 
 __all__ = [
     "LAYER_GROUPS",
+    "PREFILTER_FACTORS",
     "RESTRICTION_VARIANCE",
     "choose_prefilter",
     "handover_sigma",
@@ -227,6 +228,12 @@ def to_resolution(
     new = ODENet(new_cfg).to(device=p.device, dtype=p.dtype)
     new.load_state_dict(state)
     return new
+
+
+# the prefilters choose_prefilter tries, as multiples of handover_sigma (for the pyramid's 1 px
+# with full weighting: 0.8, 0.98, 1.22, 1.53, 1.84, 2.2 px); Imagenette-28 chose 1.5 px in every
+# seed, above handover_sigma (benchmarks/move_gap.py)
+PREFILTER_FACTORS = (0.65, 0.8, 1.0, 1.25, 1.5, 1.8)
 
 
 def choose_prefilter(model: ODENet, n: int, val, sigmas, **move) -> tuple[float, dict[float, float]]:

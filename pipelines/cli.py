@@ -55,7 +55,8 @@ def _crossres_table(rows: list[dict]) -> Table:
              "coarse->fine": ("fine", "coarse, prolonged"), "fine->coarse": ("coarse", "fine, restricted")}
     for r in rows:
         images, net = label[r["direction"]]
-        table.add_row(r["pair"], images, net, r["method"], f"{100 * r['accuracy']:.2f}%")
+        method = r["method"] + (f" (sigma {r['sigma']:.2f} px)" if "sigma" in r else "")
+        table.add_row(r["pair"], images, net, method, f"{100 * r['accuracy']:.2f}%")
     return table
 
 

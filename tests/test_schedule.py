@@ -177,12 +177,15 @@ def test_cross_resolution_evaluation_of_the_two_stages(two_level):
     moves = {(d, m + p) for d in ("coarse->fine", "fine->coarse") for m in ("galerkin", "naive")
              for p in ("", "-prefilter")}  # the fine stage carries the pyramid's blur: both ways
     moves |= {("coarse->fine", "dilate"), ("coarse->fine", "dilate-prefilter")}  # free stencils, up
+    moves |= {("coarse->fine", m + "-prefilter-chosen") for m in ("galerkin", "naive", "dilate")}
     assert set(got) == {("fine", "native"), ("coarse", "native")} | moves
     assert got[("coarse", "native")] == pytest.approx(res["stages"][0]["best_val_accuracy"])
     assert got[("fine", "native")] == pytest.approx(res["stages"][1]["best_val_accuracy"])
     ev = client.search_runs([client.get_experiment_by_name("test").experiment_id], "tags.kind = 'evaluate'")
     assert len(ev) == 1 and "full-weighting/coarse_to_fine/galerkin" in ev[0].data.metrics
     assert "full-weighting/coarse_to_fine/naive-prefilter" in ev[0].data.metrics
+    chosen = ev[0].data.metrics["full-weighting/coarse_to_fine/naive-prefilter-chosen/sigma"]
+    assert chosen in {r["sigma"] for r in rows if r["method"] == "naive-prefilter-chosen"}
 
 
 def test_a_rerun_skips_finished_levels_and_resumes_at_the_first_unfinished(two_level):

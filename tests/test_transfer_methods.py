@@ -177,3 +177,25 @@ def test_evaluation_rows_move_free_networks_by_dilation_both_ways():
     # and moved up, the coarse network is the fine one
     assert rows[("coarse->fine", "dilate-prefilter")] == rows[("fine", "native")]
     assert ("coarse->fine", "dilate") in rows
+
+
+def test_evaluation_rows_with_the_prefilter_chosen_on_validation():
+    from mscnn.hierarchy import PREFILTER_FACTORS, choose_prefilter
+    from mscnn.train import accuracy
+    from mscnn.transfer import pyramid_step
+    from pipelines.evaluate import transfer_rows
+
+    torch.manual_seed(0)
+    coarse = ODENet(channels=2, steps=1, n=8, classes=3, stencil="gaussian")
+    fine = ODENet(channels=2, steps=1, n=16, classes=3, stencil="gaussian")
+    x, y = torch.rand(64, 1, 16, 16), torch.randint(0, 3, (64,))
+    xv, yv = torch.rand(48, 1, 16, 16), torch.randint(0, 3, (48,))
+    fine_eval, coarse_eval, val = Split(x, y), Split(pyramid_step(x, 1.0), y), Split(xv, yv)
+    rows = transfer_rows(fine, coarse, fine_eval, coarse_eval, "full-weighting", 1.2, choose_on=val)
+    (row,) = [r for r in rows if r["method"] == "consistent-prefilter-chosen"]
+    best, _ = choose_prefilter(coarse, 16, val, [f * 1.2 for f in PREFILTER_FACTORS])
+    assert row["sigma"] == best and row["direction"] == "coarse->fine"
+    assert row["accuracy"] == accuracy(to_resolution(coarse, 16, prefilter=best), fine_eval)
+    # without validation images there is nothing to choose on: no such rows
+    assert not any(r["method"].endswith("-chosen")
+                   for r in transfer_rows(fine, coarse, fine_eval, coarse_eval, "full-weighting", 1.2))
