@@ -91,8 +91,8 @@ class ResNetConfig:
             v = getattr(self, name)
             if v is None and name == "stencil_length":
                 continue
-            low = v >= 0 if name == "input_blur" else v > 0
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and low):
+            number = isinstance(v, (int, float)) and math.isfinite(v)
+            if not (number and (v >= 0 if name == "input_blur" else v > 0)):
                 raise ValueError(f"ResNetConfig.{name}: must be {'>= 0' if name == 'input_blur' else '> 0'}, "
                                  f"got {v!r}")
 
