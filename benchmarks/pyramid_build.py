@@ -1,15 +1,19 @@
-"""Building the MNIST pyramid (all 70,000 images, 3 levels): Ray Data vs a single-process loop.
+"""Building an image pyramid: Ray Data vs a single-process loop, on MNIST (70,000 IDX images,
+3 levels 28/14/7) or Imagenette (2,500 JPEG files, 3 levels 224/112/56).
 
-    python benchmarks/pyramid_build.py [--data-dir DIR] [--levels 3] [--repeats 3]
+    python benchmarks/pyramid_build.py [--source mnist|imagenet10] [--data-dir DIR] [--repeats 3]
 
-Paths: ``loop`` (one process, ``write_levels`` block after block), ``ray`` (``build_pyramid``: one
-``map_batches`` pass of ``write_levels`` per block, numpy-only workers) and ``ray-chained`` (the
-build before: one ``write_parquet`` per level, each level recomputing the ones below it, float
-images shipped from the driver; with today's ``next_level`` numerics). All load the same source,
-apply the same ``next_level`` and write the same Parquet layout (the outputs' images are compared);
-each runs in its own subprocess, so peak memory (PSS of the process tree, Ray's workers and object
-store included) is measured separately. The paths alternate (loop ray ray-chained, ``--repeats``
-rounds); ratios are per round, median [min-max], ``ray.init`` excluded.
+Paths: ``loop`` (one process, ``write_levels`` block after block, JPEG files decoded in it),
+``ray`` (``build_pyramid``: one ``map_batches`` pass of ``write_levels`` per block, numpy-only
+workers that decode their own block's files) and, for the before/after ratio, MNIST's
+``ray-chained`` (one ``write_parquet`` per level, each level recomputing the ones below it) or
+Imagenette's ``ray-driver-decode`` (the build before: every JPEG decoded in the driver, the uint8
+images shipped to the tasks). All apply the same ``next_level`` and write the same Parquet layout
+(the outputs' images are compared); each runs in its own subprocess, so peak memory (PSS of the
+process tree, Ray's workers and object store included; the output check runs afterwards in the
+parent) is measured separately. The paths alternate
+(``--repeats`` rounds, each starting one path later); ratios are per round, median [min-max],
+``ray.init`` excluded.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,25 +34,53 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def _loop(cfg, out: Path) -> None:
-    """The same per-block work as the Ray build (``write_levels``), one block after another."""
+def _loop(cfg, out: Path) -> dict:
+    """The same per-block work as the Ray build (``write_levels``, the source's files decoded in
+    it), one block after another; returns the normalisation as the build computes it."""
     from mscnn.transfer import level_operator
-    from pipelines.pyramid import _load_source, write_levels
+    from pipelines.pyramid import _load_source, normalisation, source_shape, write_levels
 
     _, _, splits = _load_source(cfg)
-    n0 = next(iter(splits.values()))[0].shape[-1]
+    n0 = source_shape(cfg, splits)[1]
     ops = [level_operator(n0 >> k, cfg.sigma, cfg.pair).numpy() for k in range(cfg.levels - 1)]
-    part = 0
+    part, written, train = 0, [], set()
     for split, (x, y) in splits.items():
         for i in range(0, len(y), cfg.shard_rows):
-            write_levels({"image": x[i : i + cfg.shard_rows], "label": y[i : i + cfg.shard_rows],
-                          "index": np.arange(i, min(i + cfg.shard_rows, len(y))),
-                          "split": np.array([split]), "part": np.array([part])},
-                         str(out), ops)
+            col = "path" if x.ndim == 1 else "image"
+            row = write_levels({col: x[i : i + cfg.shard_rows], "label": y[i : i + cfg.shard_rows],
+                                "index": np.arange(i, min(i + cfg.shard_rows, len(y))),
+                                "split": np.array([split]), "part": np.array([part])},
+                               str(out), ops, size=n0)
+            written.append({k: v[0] for k, v in row.items()})
+            train |= {part} if split == "train" else set()
             part += 1
+    return normalisation(written, train)
 
 
-def _chained(cfg, out: Path) -> None:
+def _driver_decode(cfg, out: Path) -> dict:
+    """The Imagenette build before: every file decoded in the driver, uint8 blocks shipped."""
+    import ray
+
+    from mscnn.images import read_image
+    from mscnn.transfer import level_operator
+    from pipelines.pyramid import _arrow_blocks, _load_source, normalisation, write_levels
+
+    _, _, splits = _load_source(cfg)
+    n0 = cfg.source.size
+    blocks, train = [], set()
+    for split, (paths, y) in splits.items():
+        x = np.stack([read_image(p, n0) for p in paths])
+        new = _arrow_blocks(x, y, cfg.shard_rows, split, first_part=len(blocks))
+        train |= set(range(len(blocks), len(blocks) + len(new))) if split == "train" else set()
+        blocks += new
+    ops = [level_operator(n0 >> k, cfg.sigma, cfg.pair).numpy() for k in range(cfg.levels - 1)]
+    written = ray.data.from_arrow(blocks).map_batches(
+        write_levels, batch_size=None, batch_format="numpy", fn_kwargs={"out": str(out), "ops": ops},
+    ).take_all()
+    return normalisation(written, train)
+
+
+def _chained(cfg, out: Path) -> dict:
     """The Ray Data build before this change (kept here for the before/after ratio)."""
     import pyarrow as pa
     import ray
@@ -71,6 +104,8 @@ def _chained(cfg, out: Path) -> None:
                 "label": pa.array(y[i : i + cfg.shard_rows], pa.int64()),
                 "index": pa.array(np.arange(i, i + len(xi), dtype=np.int64)),
                 "split": pa.array([split] * len(xi), pa.string())}))
+    from mscnn.images import channel_stats
+
     ds = ray.data.from_arrow(blocks)
     for k in range(cfg.levels):
         if k:
@@ -78,6 +113,7 @@ def _chained(cfg, out: Path) -> None:
                                 batch_format="numpy", batch_size=1024)
         ds.write_parquet(str(out / f"level={k}"), partition_cols=["split"], filename_provider=_Parts(),
                          mode=ray.data.SaveMode.OVERWRITE)
+    return channel_stats(splits["train"][0])
 
 
 def _images(root: Path, levels: int) -> str:
@@ -90,6 +126,8 @@ def _images(root: Path, levels: int) -> str:
     for k in range(levels):
         for split in ("train", "val", "test"):
             files = sorted(str(p) for p in (root / f"level={k}" / f"split={split}").glob("*.parquet"))
+            if not files:  # a source without this split
+                continue
             t = pq.read_table(files, columns=["image", "label", "index"]).sort_by("index")
             img = t.column("image").combine_chunks()
             h.update(np.asarray((img.storage if hasattr(img, "storage") else img).flatten(),
@@ -98,76 +136,106 @@ def _images(root: Path, levels: int) -> str:
     return h.hexdigest()[:16]
 
 
-def child(mode: str, data_dir: str | None, levels: int) -> dict:
-    import shutil
+def _config(source: str, data_dir: str | None, levels: int, shard_rows: int | None):
+    from mscnn.data import find_data_dir
+    from pipelines.pyramid import PyramidConfig, SourceConfig
 
-    from pipelines.pyramid import PyramidConfig, SourceConfig, build_pyramid
+    if source == "mnist":
+        src = SourceConfig(kind="mnist", path=data_dir)
+    else:
+        root, tried = find_data_dir("imagenet10", data_dir, ok=lambda p: (p / "train").is_dir())
+        if root is None:
+            raise SystemExit(f"imagenet10: no train/ folder in {', '.join(map(str, tried))}")
+        src = SourceConfig(kind="folder", path=str(root), size=224)
+    extra = {"shard_rows": shard_rows} if shard_rows else ({"shard_rows": 500} if source != "mnist" else {})
+    return PyramidConfig(name=source, source=src, levels=levels, **extra)
 
-    cfg = PyramidConfig(name="mnist", source=SourceConfig(kind="mnist", path=data_dir), levels=levels)
-    out = Path(tempfile.mkdtemp(prefix=f"pyr-{mode}-"))
+
+def child(mode: str, source: str, data_dir: str | None, levels: int, shard_rows: int | None,
+          out: Path) -> dict:
+    """One build into ``out`` (the parent checks the images and removes them: the memory the
+    check needs is not the build's)."""
+    from pipelines.pyramid import build_pyramid, read_manifest
+
+    cfg = _config(source, data_dir, levels, shard_rows)
     init = 0.0
-    try:
-        if mode.startswith("ray"):
-            import ray
+    if mode.startswith("ray"):
+        import ray
 
-            t0 = time.perf_counter()
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            init = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            if mode == "ray":
-                root = build_pyramid(cfg, out)[0]
-            else:
-                _chained(cfg, out)
-                root = out
+        t0 = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        init = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if mode == "ray":
+            root = build_pyramid(cfg, out)[0]
+            norm = read_manifest(root)["normalisation"]
         else:
-            t0 = time.perf_counter()
-            _loop(cfg, out)
+            norm = (_chained if mode == "ray-chained" else _driver_decode)(cfg, out)
             root = out
-        seconds = time.perf_counter() - t0
-        return {"mode": mode, "seconds": seconds, "init_seconds": init, "images": _images(root, levels)}
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+    else:
+        t0 = time.perf_counter()
+        norm = _loop(cfg, out)
+        root = out
+    seconds = time.perf_counter() - t0
+    return {"mode": mode, "seconds": seconds, "init_seconds": init, "root": str(root), "normalisation": norm}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", choices=["mnist", "imagenet10"], default="mnist")
     ap.add_argument("--data-dir")
     ap.add_argument("--levels", type=int, default=3)
+    ap.add_argument("--shard-rows", type=int,
+                    help="rows per shard (default: the config's, 500 for imagenet10)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--child", choices=["ray", "loop", "ray-chained"])
+    ap.add_argument("--child", choices=["ray", "loop", "ray-chained", "ray-driver-decode"])
+    ap.add_argument("--build-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.data_dir, args.levels)))
+        print("RESULT " + json.dumps(child(args.child, args.source, args.data_dir, args.levels,
+                                           args.shard_rows, Path(args.build_dir))))
         return
     from common import alternate, fmt_ratio, machine, paired_ratio, publish
     from memory import PeakMemory
 
     def run(mode: str):
         def go() -> dict:
-            cmd = [sys.executable, __file__, "--child", mode, "--levels", str(args.levels)]
+            build = Path(tempfile.mkdtemp(prefix=f"pyr-{mode}-"))
+            cmd = [sys.executable, __file__, "--child", mode, "--levels", str(args.levels),
+                   "--source", args.source, "--build-dir", str(build)]
             cmd += ["--data-dir", args.data_dir] if args.data_dir else []
+            cmd += ["--shard-rows", str(args.shard_rows)] if args.shard_rows else []
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
             with PeakMemory(proc.pid) as mem:
                 out, _ = proc.communicate()
-            if proc.returncode:
-                raise SystemExit(f"{mode} run failed ({proc.returncode})")
-            res = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
-            return res | {"peak_mib": mem.peak / 2**20}
+            try:
+                if proc.returncode:
+                    raise SystemExit(f"{mode} run failed ({proc.returncode})")
+                res = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
+                return res | {"peak_mib": mem.peak / 2**20, "images": _images(Path(res["root"]), args.levels)}
+            finally:
+                shutil.rmtree(build, ignore_errors=True)
         return go
 
-    modes = ("loop", "ray", "ray-chained")
+    before = "ray-chained" if args.source == "mnist" else "ray-driver-decode"
+    modes = ("loop", "ray", before)
     runs = alternate({m: run(m) for m in modes}, args.repeats)
     digests = {r["images"] for m in modes for r in runs[m]}
     if len(digests) != 1:
         raise SystemExit(f"the paths wrote different images: {digests}")
-    n = 70_000
+    norms = {json.dumps(r["normalisation"]) for m in modes for r in runs[m]}
+    if len(norms) != 1:
+        raise SystemExit(f"the paths computed different normalisations: {norms}")
+    cfg = _config(args.source, args.data_dir, args.levels, args.shard_rows)
+    n = 70_000 if args.source == "mnist" else 2_500
     secs = {m: [r["seconds"] for r in runs[m]] for m in modes}
     ratios = {"ray / loop": paired_ratio(secs["loop"], secs["ray"]),
-              "ray-chained / loop": paired_ratio(secs["loop"], secs["ray-chained"]),
-              "ray / ray-chained": paired_ratio(secs["ray-chained"], secs["ray"])}
-    lines = [f"MNIST pyramid, {n} images, {args.levels} levels; {machine()}; {args.repeats} rounds "
-             f"alternating {' '.join(modes)}; load average at the end {os.getloadavg()[0]:.1f}", "",
+              f"{before} / loop": paired_ratio(secs["loop"], secs[before]),
+              f"ray / {before}": paired_ratio(secs[before], secs["ray"])}
+    lines = [f"{args.source} pyramid, {n} images, {args.levels} levels, {cfg.shard_rows} rows per shard; "
+             f"{machine()}; {args.repeats} rounds alternating {' '.join(modes)}; load average at the end "
+             f"{os.getloadavg()[0]:.1f}", "",
              "| path | build s (median [min-max]) | images/s | Ray init s | peak memory MiB |",
              "|---|---|---|---|---|"]
     for m in modes:
@@ -178,10 +246,12 @@ def main() -> None:
                      f"{max(r['peak_mib'] for r in runs[m]):.0f} |")
     lines += ["", "Throughput ratios (per round, ray.init excluded), median [min-max]:"]
     lines += [f"- {k}: {fmt_ratio(v)}" for k, v in ratios.items()]
-    lines.append(f"- every path wrote the same images (digest {digests.pop()})")
-    publish(args.out, "pyramid_build", "\n".join(lines) + "\n",
+    lines.append(f"- every path wrote the same images (digest {digests.pop()}) and normalisation")
+    stem = "pyramid_build" if args.source == "mnist" else f"pyramid_build_{args.source}"
+    publish(args.out, stem, "\n".join(lines) + "\n",
             {"seconds": secs, "ratios": ratios, "runs": runs},
-            {"levels": args.levels, "repeats": args.repeats},
+            {"source": args.source, "levels": args.levels, "repeats": args.repeats,
+             "shard_rows": cfg.shard_rows},
             {k.replace(" / ", "_over_").replace("-", "_"): v["median"] for k, v in ratios.items()})
 
 

@@ -23,11 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mscnn.images import IMAGE_SUFFIXES, channel_stats, read_image, unit_images
+
 __all__ = [
     "DEFAULT_DATA_DIR",
     "MNIST_FILES",
     "MNIST_SCALE",
     "Split",
+    "IMAGE_SUFFIXES",
     "channel_stats",
     "coarsen",
     "find_data_dir",
@@ -36,6 +39,8 @@ __all__ = [
     "load_mnist",
     "mnist_splits",
     "read_idx",
+    "read_image",
+    "unit_images",
     "split_indices",
     "write_idx",
     "stratified_limit",
@@ -211,28 +216,6 @@ def split_indices(count: int, n_val: int, seed: int = 0) -> tuple[np.ndarray, np
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def unit_images(x: np.ndarray) -> np.ndarray:
-    """Images as float32 in ``[0, 1]`` (uint8 divided by 255; float passed through)."""
-    return (x.astype(np.float32) / 255.0) if x.dtype == np.uint8 else x.astype(np.float32)
-
-
-def channel_stats(x: np.ndarray) -> dict[str, list[float]]:
-    """Per-channel ``mean`` and ``std`` of images ``(N, C, n, n)`` in ``[0, 1]`` (uint8 scaled),
-    in float64 over chunks. One normalisation serves every level of a pyramid.
-
-    >>> channel_stats(np.array([[[[0, 255]]]], dtype=np.uint8))
-    {'mean': [0.5], 'std': [0.5]}
-    """
-    s, s2 = np.zeros(x.shape[1]), np.zeros(x.shape[1])
-    for i in range(0, len(x), 4096):
-        xi = unit_images(x[i : i + 4096]).astype(np.float64)
-        s += xi.sum(axis=(0, 2, 3))
-        s2 += (xi**2).sum(axis=(0, 2, 3))
-    count = len(x) * x.shape[2] * x.shape[3]
-    mean = s / count
-    return {"mean": mean.tolist(), "std": np.sqrt(np.maximum(s2 / count - mean**2, 0)).tolist()}
-
-
 def mnist_splits(data_dir: str | os.PathLike | None = None, n_val: int = 10_000,
                  seed: int = 0) -> dict[str, Split]:
     """The split ``mscnn train`` uses (a pyramid with ``n_val`` and ``seed``): a seeded random
@@ -253,9 +236,6 @@ def mnist_splits(data_dir: str | os.PathLike | None = None, n_val: int = 10_000,
             for k, (xi, yi) in parts.items()}
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPEG", ".JPG", ".PNG")
-
-
 def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:
     """Class-per-folder images (as torchvision's ``ImageFolder``): ``(classes, [(file, label)])``,
     classes in sorted order; hidden entries (``.ipynb_checkpoints/``, ``.DS_Store``) are skipped.
@@ -274,21 +254,6 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Pa
             raise ValueError(f"{root / c}: empty class folder (no {'/'.join(IMAGE_SUFFIXES[:3])} files)")
         items += [(f, label) for f in files]
     return classes, items
-
-
-def read_image(path: str | os.PathLike, size: int) -> np.ndarray:
-    """One image as ``(3, size, size)`` uint8 RGB (grayscale converted), resized bilinearly.
-    A corrupt or truncated file raises ``ValueError`` naming it."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: cannot decode image ({e})") from None
 
 
 def synthetic(count: int, n: int, seed: int = 0, classes: int = 4) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,9 @@ Level 0 holds the source images scaled to [0, 1]; level k is
 ``restrict_image(gaussian_blur(level k-1, sigma), pair)``, computed as ``M x M^T`` with the step's
 1D matrix (``mscnn.transfer.level_operator``; ``next_level`` on a batch). One Ray Data
 ``map_batches`` pass (``pipelines.pyramid_write.write_levels``, numpy only: no torch in the workers)
-takes each block of source images through every level and writes its shards. A pyramid is built
+takes each block of source images through every level and writes its shards; image files
+(``folder`` sources) are decoded in those tasks, in parallel, and the normalisation is computed
+from the tasks' exact per-channel sums. A pyramid is built
 in a temporary folder beside its target and renamed when whole; the same config again does no
 work, and a different pyramid is never overwritten.
 """
@@ -22,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -35,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mscnn import data as mdata
 from mscnn.fields import omit_later
+from mscnn.images import check_image, stats_from_sums
 from mscnn.transfer import get_pair, level_operator
 from pipelines.pyramid_write import apply_level, write_levels
 from pipelines.runtime import exclusive, require_ray
@@ -51,7 +55,9 @@ __all__ = [
     "level_tensors",
     "load_level",
     "next_level",
+    "normalisation",
     "read_manifest",
+    "source_shape",
 ]
 
 SPLITS = ("train", "val", "test")
@@ -173,8 +179,10 @@ def _sha256(path: Path) -> str:
 
 
 def _load_source(cfg: PyramidConfig) -> tuple[dict, dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """``(source_info, checksums, {split: (images uint8/float32 (N, C, n, n), labels)})``.
-    Everything that can be wrong with the input is found here, before any Ray work."""
+    """``(source_info, checksums, {split: (images, labels)})``: images uint8/float32
+    ``(N, C, n, n)``, or for ``folder`` sources the image files' paths ``(N,)`` (decoded in the
+    build's tasks, in parallel). Everything that can be wrong with the input is found here, before
+    any Ray work, but pixel data truncated inside an image file (found when the build decodes it)."""
     src = cfg.source
     if src.kind in ("mnist", "idx"):
         pairs = src.idx_files()
@@ -222,9 +230,11 @@ def _load_source(cfg: PyramidConfig) -> tuple[dict, dict, dict[str, tuple[np.nda
             if src.limit:
                 keep = mdata.stratified_limit(np.array([lab for _, lab in items]), src.limit)
                 items = [items[i] for i in keep]
-            imgs = np.stack([mdata.read_image(f, src.size) for f, _ in items])
+            for f, _ in items:  # not an image at all: found here; truncated pixels: in the build
+                check_image(f)
             checksums.update({str(f.relative_to(root)): _sha256(f) for f, _ in items})
-            splits[split] = (imgs, np.array([lab for _, lab in items], np.int64))
+            splits[split] = (np.array([str(f) for f, _ in items]),
+                             np.array([lab for _, lab in items], np.int64))
         if "val" not in splits:  # a validation split drawn from train/; test/ stays as it is
             x, y = splits["train"]
             tr, va = mdata.split_indices(len(y), int(len(y) * cfg.val_fraction), cfg.seed)
@@ -239,7 +249,7 @@ def _load_source(cfg: PyramidConfig) -> tuple[dict, dict, dict[str, tuple[np.nda
     if src.limit and src.kind != "folder":
         splits = {k: (x[i], y[i]) for k, (x, y) in splits.items()
                   for i in [mdata.stratified_limit(y, src.limit)]}
-    n = next(iter(splits.values()))[0].shape[-1]
+    n = source_shape(cfg, splits)[1]
     if n % 2 ** (cfg.levels - 1):
         raise ValueError(
             f"levels: image size {n} is not divisible by 2**{cfg.levels - 1} "
@@ -248,16 +258,24 @@ def _load_source(cfg: PyramidConfig) -> tuple[dict, dict, dict[str, tuple[np.nda
     return info, checksums, splits
 
 
+def source_shape(cfg: PyramidConfig, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[int, int]:
+    """``(channels, n)`` of the source's images (``folder``: RGB at ``source.size``)."""
+    x = next(iter(splits.values()))[0]
+    return (3, cfg.source.size) if x.ndim == 1 else (int(x.shape[1]), int(x.shape[-1]))
+
+
 def _arrow_blocks(x: np.ndarray, y: np.ndarray, rows: int, split: str, first_part: int) -> list[pa.Table]:
     """The source split as Arrow tables of ``rows`` images each, as read (uint8 stays uint8: the
-    conversion to [0, 1] runs in the build's tasks), numbered ``part`` from ``first_part``."""
+    conversion to [0, 1] runs in the build's tasks; paths stay paths: the tasks decode them),
+    numbered ``part`` from ``first_part``."""
     from ray.data.extensions import ArrowTensorArray
 
     out = []
     for j, i in enumerate(range(0, len(y), rows)):
         xi = np.ascontiguousarray(x[i : i + rows])
         out.append(pa.table({
-            "image": ArrowTensorArray.from_numpy(xi),
+            "path" if x.ndim == 1 else "image": pa.array(xi.tolist(), pa.string()) if x.ndim == 1
+            else ArrowTensorArray.from_numpy(xi),
             "label": pa.array(y[i : i + rows], pa.int64()),
             "index": pa.array(np.arange(i, i + len(xi), dtype=np.int64)),
             "split": pa.array([split] * len(xi), pa.string()),
@@ -267,6 +285,17 @@ def _arrow_blocks(x: np.ndarray, y: np.ndarray, rows: int, split: str, first_par
 
 
 # ---------------------------------------------------------------- build
+
+
+def normalisation(written: list[dict], parts: set[int]) -> dict[str, list[float]]:
+    """The training images' per-channel mean and std in ``[0, 1]`` from the ``channel_sums`` that
+    ``write_levels`` returned for the blocks ``parts``, added in part order (exact for uint8
+    sources, so the same whichever worker wrote which block)."""
+    rows = sorted((r for r in written if int(r["part"]) in parts), key=lambda r: int(r["part"]))
+    s = sum(np.asarray(r["sum"]) for r in rows)
+    s2 = sum(np.asarray(r["sumsq"]) for r in rows)
+    exact = np.asarray(rows[0]["sum"]).dtype.kind in "iu"
+    return stats_from_sums(s, s2, sum(int(r["pixels"]) for r in rows), scale=255.0 if exact else 1.0)
 
 
 def read_manifest(root: str | os.PathLike) -> dict:
@@ -340,15 +369,24 @@ def _build(cfg: PyramidConfig, target: Path, info: dict, checksums: dict, splits
     t0 = time.perf_counter()
     try:
         require_ray("build_pyramid")
-        n0 = next(iter(splits.values()))[0].shape[-1]
+        channels, n0 = source_shape(cfg, splits)
         levels = [{"level": k, "n": n0 >> k, "h": 1.0 / (n0 >> k)} for k in range(cfg.levels)]
-        blocks = []
+        blocks, train_parts = [], set()
         for split, (x, y) in splits.items():
-            blocks += _arrow_blocks(x, y, cfg.shard_rows, split, first_part=len(blocks))
+            new = _arrow_blocks(x, y, cfg.shard_rows, split, first_part=len(blocks))
+            train_parts |= set(range(len(blocks), len(blocks) + len(new))) if split == "train" else set()
+            blocks += new
         ops = [level_operator(n0 >> k, cfg.sigma, cfg.pair).numpy() for k in range(cfg.levels - 1)]
-        written = ray.data.from_arrow(blocks).map_batches(
-            write_levels, batch_size=None, batch_format="numpy", fn_kwargs={"out": str(tmp), "ops": ops},
-        ).take_all()
+        try:
+            written = ray.data.from_arrow(blocks).map_batches(
+                write_levels, batch_size=None, batch_format="numpy",
+                fn_kwargs={"out": str(tmp), "ops": ops, "size": n0},
+            ).take_all()
+        except Exception as e:  # an image file that fails to decode in a task: its own message
+            bad = re.findall(r"ValueError: (.+: cannot decode image .+)", str(e))
+            if bad:
+                raise ValueError(bad[-1]) from None
+            raise
         if sorted(int(r["part"]) for r in written) != list(range(len(blocks))):
             raise RuntimeError(f"pyramid {cfg.name}: parts written {sorted(r['part'] for r in written)}, "
                                f"expected 0..{len(blocks) - 1}")
@@ -356,9 +394,9 @@ def _build(cfg: PyramidConfig, target: Path, info: dict, checksums: dict, splits
                       .tolist()} for s, (_, y) in splits.items()}
         manifest = {
             "name": cfg.name, "config": cfg.model_dump(), "config_hash": chash, "source": info,
-            "checksums": checksums, "seed": cfg.seed, "levels": levels, "channels":
-            int(next(iter(splits.values()))[0].shape[1]), "counts": counts,
-            "normalisation": mdata.channel_stats(splits["train"][0]), "sigma": cfg.sigma, "pair": cfg.pair,
+            "checksums": checksums, "seed": cfg.seed, "levels": levels, "channels": channels,
+            "counts": counts, "normalisation": normalisation(written, train_parts), "sigma": cfg.sigma,
+            "pair": cfg.pair,
             "versions": _versions(), "build_seconds": time.perf_counter() - t0,
         }
         manifest["shards"] = _shards(tmp)

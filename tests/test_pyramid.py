@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mscnn.data import find_mnist_dir
+from mscnn.images import channel_stats, read_image
 from mscnn.transfer import gaussian_blur, restrict_image
 from pipelines.config import ConfigError, load_config
 from pipelines.pyramid import (
@@ -45,15 +46,53 @@ def test_the_build_task_never_imports_torch(tmp_path):
     import subprocess
     import sys
 
+    from PIL import Image
+
+    Image.fromarray(np.array([[[0, 10, 20], [30, 40, 50]], [[60, 70, 80], [90, 100, 255]]], np.uint8)).save(
+        tmp_path / "a.png")
     code = ("import sys, numpy as np; import pipelines.pyramid_write as w; "
             "w.write_levels({'image': np.zeros((2, 1, 4, 4), np.uint8), 'label': np.zeros(2), "
             "'index': np.arange(2), 'split': np.array(['train']), 'part': np.array([0])}, "
-            f"{str(tmp_path)!r}, [np.full((2, 4), 0.25)]); print('torch' in sys.modules)")
+            f"{str(tmp_path)!r}, [np.full((2, 4), 0.25)]); "
+            "r = w.write_levels({'path': np.array([" f"{str(tmp_path / 'a.png')!r}" "]), "
+            "'label': np.zeros(1), "
+            "'index': np.arange(1), 'split': np.array(['val']), 'part': np.array([1])}, "
+            f"{str(tmp_path)!r}, [np.full((1, 2), 0.5)], size=2); "
+            "print('torch' in sys.modules, r['sum'].tolist(), r['sumsq'].tolist(), r['pixels'].tolist())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    # a PNG decoded in the task (no torch there either), its level-0 sums exact per RGB channel
+    assert out.stdout.strip() == ("False [[180, 220, 405]] [[12600, 16600, 74325]] [4]")
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.parquet")) == [
-        "level=0/split=train/part-00000.parquet", "level=1/split=train/part-00000.parquet"]
+        "level=0/split=train/part-00000.parquet", "level=0/split=val/part-00001.parquet",
+        "level=1/split=train/part-00000.parquet", "level=1/split=val/part-00001.parquet"]
+
+
+def test_a_block_goes_through_the_levels_in_chunks(tmp_path, monkeypatch):
+    """A block larger than a chunk is written in row groups of ``chunk_rows`` images, with the
+    same images and sums as in one piece."""
+    import pyarrow.parquet as pq
+
+    import pipelines.pyramid_write as w
+    from mscnn.images import channel_sums
+
+    assert w.chunk_rows(1, 28) == 10_699 and w.chunk_rows(3, 224) == 55
+    x = np.random.default_rng(0).integers(0, 256, (10, 1, 8, 8), dtype=np.uint8)
+    op = np.random.default_rng(1).random((4, 8))
+    monkeypatch.setattr(w, "CHUNK_BYTES", 3 * 8 * 64)  # 3 images per chunk
+    r = w.write_levels({"image": x, "label": np.arange(10), "index": np.arange(10, 20),
+                        "split": np.array(["train"]), "part": np.array([2])}, str(tmp_path), [op])
+    s, s2, pixels = channel_sums(x)
+    assert r["sum"][0].tolist() == s.tolist() and r["sumsq"][0].tolist() == s2.tolist()
+    assert r["pixels"][0] == pixels == 640
+    for k, want in enumerate([x / np.float32(255.0), w.apply_level(x / np.float32(255.0), op)]):
+        f = pq.ParquetFile(tmp_path / f"level={k}" / "split=train" / "part-00002.parquet")
+        assert f.metadata.num_row_groups == 4  # 3 + 3 + 3 + 1
+        t = f.read()
+        img = t.column("image").combine_chunks()
+        got = np.asarray(img.storage.flatten() if hasattr(img, "storage") else img.flatten(), np.float32)
+        np.testing.assert_array_equal(got.reshape(want.shape), want)
+        assert t.column("index").to_pylist() == list(range(10, 20))
 
 
 def test_synthetic_pyramid_content_manifest_and_rebuild(local_ray, tmp_path):
@@ -116,6 +155,10 @@ def test_image_folder_pyramid(local_ray, tmp_path):
     assert s.x.shape == (6, 3, 8, 8) and s.y.tolist() == [0, 0, 0, 1, 1, 1]
     first = level_tensors(path, 0, "train").x[0]
     torch.testing.assert_close(first[0], first[1])  # the grayscale image became RGB
+    # decoded in the build's tasks; the normalisation from their exact sums, as from all the images
+    x0 = np.stack([read_image(f, 16) for c in ("ant", "bee") for f in sorted((root / "train" / c).iterdir())])
+    assert m["normalisation"] == channel_stats(x0)
+    torch.testing.assert_close(level_tensors(path, 0, "train").x, torch.from_numpy(x0 / np.float32(255.0)))
 
 
 def test_crash_mid_build_leaves_no_pyramid(local_ray, tmp_path, monkeypatch):
@@ -175,6 +218,14 @@ def test_bad_inputs_fail_before_any_work(tmp_path):
     (root / "train" / "dog" / "b.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(ValueError, match=r"train/dog/b\.jpg: cannot decode image"):
         build_pyramid(fcfg, tmp_path / "out")
+    # a JPEG cut inside its pixel data opens (the driver's check passes) and fails in a Ray task
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        root / "train" / "dog" / "b.jpg")
+    whole = (root / "train" / "dog" / "b.jpg").read_bytes()
+    (root / "train" / "dog" / "b.jpg").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"^\S+train/dog/b\.jpg: cannot decode image \(image file is trunc"):
+        build_pyramid(fcfg, tmp_path / "built")
+    assert [p.name for p in (tmp_path / "built").iterdir()] == [".f.lock"]  # nothing half written
     # MNIST: truncated images file
     d = tmp_path / "mnist"
     d.mkdir()
