@@ -273,9 +273,10 @@ def _arrow_blocks(x: np.ndarray, y: np.ndarray, rows: int, split: str, first_par
     out = []
     for j, i in enumerate(range(0, len(y), rows)):
         xi = np.ascontiguousarray(x[i : i + rows])
+        source = ({"path": pa.array(xi.tolist(), pa.string())} if x.ndim == 1
+                  else {"image": ArrowTensorArray.from_numpy(xi)})
         out.append(pa.table({
-            "path" if x.ndim == 1 else "image": pa.array(xi.tolist(), pa.string()) if x.ndim == 1
-            else ArrowTensorArray.from_numpy(xi),
+            **source,
             "label": pa.array(y[i : i + rows], pa.int64()),
             "index": pa.array(np.arange(i, i + len(xi), dtype=np.int64)),
             "split": pa.array([split] * len(xi), pa.string()),
