@@ -18,6 +18,7 @@ FULL = [
     ["stage_loop_probe.py", "--steps", "300", "--repeats", "5"],
     ["eval_batch.py", "--repeats", "5"],
     ["pyramid_build.py"],
+    ["pyramid_build.py", "--source", "imagenet10"],
     ["multiscale_training.py"],
     ["transfer_methods.py", "--seeds", "0", "1", "2", "--jobs", "3", "--threads", "1"],
     ["cross_resolution.py", "--seeds", "0", "1", "2", "--epochs", "3", "--sigma", "0"],
@@ -49,7 +50,7 @@ if __name__ == "__main__":
     args = ap.parse_args()
     failed = []
     for bench in QUICK if args.quick else FULL:
-        if args.out and bench[0] != "optimizers.py" and bench[0] != "pyramid_build.py":
+        if args.out and bench[0] != "optimizers.py":
             bench = [*bench, "--out", args.out]
         print(f"\n=== {' '.join(bench)}", flush=True)
         t0 = time.perf_counter()
