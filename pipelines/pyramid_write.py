@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mscnn.images import channel_sums, read_image
+from mscnn.images import channel_sums, read_image, unit_images
 
 __all__ = ["CHUNK_BYTES", "apply_level", "chunk_rows", "source_images", "write_levels"]
 
@@ -70,7 +70,7 @@ def write_levels(batch: dict[str, np.ndarray], out: str, ops: list[np.ndarray],
             x = source_images({c: batch[c][i : i + step] for c in ("image", "path") if c in batch}, size)
             sums = channel_sums(x)
             total = sums if total is None else (total[0] + sums[0], total[1] + sums[1], total[2] + sums[2])
-            x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+            x = unit_images(x)
             label = pa.array(batch["label"][i : i + len(x)], pa.int64())
             index = pa.array(batch["index"][i : i + len(x)], pa.int64())
             for k, f in enumerate(files):
