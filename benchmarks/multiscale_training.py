@@ -93,9 +93,13 @@ def run(name: str, plan: list[tuple[int, int]], data: dict, args, stencil: str =
         if mge:  # multilevel gradient estimation at this grid (mscnn.mge), free stencils moved by `move`
             move = ("dilate" if net.config.dilation > 1
                     else "naive" if args.transfer == "naive" else "galerkin")
-            step = make_step(net, "adam", args.lr, True, epochs * -(-len(train) // args.batch_size),
+            step = make_step(net, "adam", args.fine_lr if args.fine_lr and len(plan) > 1 and n == fine_n
+                             else args.lr, True, epochs * -(-len(train) // args.batch_size),
                              mge={"sizes": sizes, "batch_sizes": mge, "move": move})
-        fit(net, train, epochs, args.lr, args.batch_size, args.seed, on_epoch=on_epoch, step=step)
+        # --fine-lr: a multilevel plan's fine level starts from a trained network, so its cosine
+        # cycle may start lower than a network trained from random weights
+        lr = args.fine_lr if args.fine_lr and len(plan) > 1 and n == fine_n else args.lr
+        fit(net, train, epochs, lr, args.batch_size, args.seed, on_epoch=on_epoch, step=step)
     fine = [c for c in curve if c["n"] == fine_n]
     moved = [c["val_acc"] for c in fine if c.get("event") == "transferred"]
     out = {"name": name, "plan": plan, "curve": curve, "final": fine[-1]["val_acc"],
@@ -125,6 +129,45 @@ def _median_row(rs: list[dict], targets) -> dict:
     return out
 
 
+def ratio_lines(rows: list[dict], base: dict, targets, keep: bool = False) -> list[str]:
+    """Markdown lines: each row's wall-clock to each target over ``base``'s in the same round
+    (median [min-max] of the per-round ratios); a bound where ``base`` never got there. ``keep``
+    stores the ratios in the rows (the json's and MLflow's ``ratio`` is against the first single)."""
+    md = ["", f"Per round, wall-clock to each target / `{base['name']}`'s (median [min-max]):", ""]
+    for r in rows:
+        if r is base or r["name"] == base["name"]:
+            continue
+        cells = []
+        for t in targets:
+            a, b = r[f"to_{t:g}"], base[f"to_{t:g}"]
+            if a and b:
+                ratio = paired_ratio(a["all_seconds"], b["all_seconds"])
+                cells.append(f"to {100 * t:g}%: {fmt_ratio(ratio)}")
+                if keep:
+                    a["ratio"] = ratio
+            elif a and all(rep[f"to_{t:g}"] is None for rep in base["repeats"]):
+                # the baseline never got there: its whole run's time bounds the ratio from above
+                bound = paired_ratio(a["all_seconds"], [rep["seconds"] for rep in base["repeats"]])
+                cells.append(f"to {100 * t:g}%: below {fmt_ratio(bound)} (`{base['name']}` "
+                             "never reached it: the bound is against its whole run)")
+                if keep:
+                    a["ratio_bound"] = bound
+            else:
+                cells.append(f"to {100 * t:g}%: no ratio (not reached in every round)")
+        md.append(f"- {r['name']}: " + "; ".join(cells))
+    return md
+
+
+def ratios_from(path: str) -> None:
+    """``--ratios-from JSON``: a finished run's per-round ratios against every single-scale plan."""
+    import json
+
+    d = json.load(open(path))
+    rows, targets = d["rows"], d["args"]["targets"]
+    for base in (r for r in rows if r["name"].startswith("1 level") and "mge" not in r["name"]):
+        print("\n".join(ratio_lines(rows, base, targets)))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, nargs=3, default=[8, 4, 6],
@@ -133,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--two-level", nargs="+", default=[], metavar="COARSE:FINE",
                     help="more 2-level plans in the same alternation, each with its own epochs at "
                          "the coarse and the fine grid (e.g. 4:2)")
+    ap.add_argument("--one-level", type=int, nargs="+", default=[], metavar="EPOCHS",
+                    help="more single-scale plans with these epochs (the shortest single-scale schedule "
+                         "that reaches a target is the fair baseline); ratios stay against --epochs[0]")
     ap.add_argument("--transfer", choices=["galerkin", "naive", "dilate"], default="galerkin",
                     help="how free stencils move to the finer grid (dilate: to_resolution(dilate=True),"
                          " the fine network keeps the coarse taps' physical offsets)")
@@ -174,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="fine n (default: 28 mnist, 128 imagenette; mnist above 28: zero-padded)")
     ap.add_argument("--train-count", type=int, default=50_000, help="training images (a subset: checks)")
     ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--fine-lr", type=float, default=None,
+                    help="Adam's starting lr on a multilevel plan's fine level (default: --lr)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stem", default=None, help="results file name (default: from data and transfer)")
@@ -184,7 +232,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="--data mnist: score the schedules on the validation split or on the test file "
                          "(for a data set whose validation split shares photos with its training split)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--ratios-from", metavar="JSON", default=None,
+                    help="train nothing: print a finished run's per-round ratios against each "
+                         "single-scale plan (its results json)")
     args = ap.parse_args(argv)
+    if args.ratios_from:
+        return ratios_from(args.ratios_from)
     torch.set_num_threads(args.threads)
     size = args.size or (28 if args.data == "mnist" else 128)
     if args.data == "mnist":
@@ -217,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError:
             raise SystemExit(f"--two-level {spec!r}: expected COARSE:FINE epochs, e.g. 4:2") from None
         plans[f"2 levels ({h}, {f}) {c_ep}+{f_ep} epochs"] = [(h, c_ep), (f, f_ep)]
+    for ep in args.one_level:
+        plans[f"1 level ({f}) {ep} epochs"] = [(f, ep)]
     plans = {f"{k}, {st}{', prefilter' if pf else ''}": (st, v, pf, None) for st in args.stencils
              for k, v in plans.items() if int(k[0]) in args.plans or "epochs" in k
              for pf in (args.prefilter if int(k[0]) > 1 else [0])}
@@ -242,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
             f"({len(d['train'].y)} training images"
             f"{', scored on the test file' * (args.score_on == 'test')}), ODENet channels "
             f"{args.channels} {args.steps} steps per unit T {args.T:g} {args.activation}, batch "
-            f"{args.batch_size}, stencils {args.stencils}, Adam lr {args.lr} cosine per level, "
+            f"{args.batch_size}, stencils {args.stencils}, Adam lr {args.lr} cosine per level"
+            f"{f' (fine level of multilevel plans: {args.fine_lr:g})' if args.fine_lr else ''}, "
             f"transfer: free {args.transfer}"
             f"{f', fine networks dilation {args.dilation}' if args.dilation > 1 else ''}"
             f"{', sub-grid connectives' if args.subgrid_connectives else ''}"
@@ -264,32 +320,18 @@ def main(argv: list[str] | None = None) -> None:
         moved = "" if r["handover"] is None else f"{100 * r['handover']:.2f}"
         md.append(f"| {r['name']} | {100 * r['final']:.2f} | {100 * r['best']:.2f} | {moved} | "
                   f"{r['seconds']:.0f} | {r['fine_equiv']:.2f} |{hits}")
-    base = next((r for r in rows if r["name"].startswith("1 level") and "mge" not in r["name"]), None)
-    if base is not None and args.repeats > 1:  # wall-clock to each target over the same round's
-        md += ["", f"Per round, wall-clock to each target / `{base['name']}`'s (median [min-max]):", ""]
-        for r in rows:
-            if r is base:
-                continue
-            cells = []
-            for t in args.targets:
-                a, b = r[f"to_{t:g}"], base[f"to_{t:g}"]
-                if a and b:
-                    a["ratio"] = paired_ratio(a["all_seconds"], b["all_seconds"])
-                    cells.append(f"to {100 * t:g}%: {fmt_ratio(a['ratio'])}")
-                elif a and all(rep[f"to_{t:g}"] is None for rep in base["repeats"]):
-                    # the baseline never got there: its whole run's time bounds the ratio from above
-                    whole = [rep["seconds"] for rep in base["repeats"]]
-                    a["ratio_bound"] = paired_ratio(a["all_seconds"], whole)
-                    cells.append(f"to {100 * t:g}%: below {fmt_ratio(a['ratio_bound'])} (`{base['name']}` "
-                                 "never reached it: the bound is against its whole run)")
-                else:
-                    cells.append(f"to {100 * t:g}%: no ratio (not reached in every round)")
-            md.append(f"- {r['name']}: " + "; ".join(cells))
+    singles = [r for r in rows if r["name"].startswith("1 level") and "mge" not in r["name"]]
+    if singles and args.repeats > 1:  # wall-clock to each target over the same round's
+        md += ratio_lines(rows, singles[0], args.targets, keep=True)
+        for other in singles[1:]:  # --one-level: the multilevel plans against each shorter single
+            md += ratio_lines([r for r in rows if not r["name"].startswith("1 level")], other, args.targets)
     metrics = {}
     for r in rows:
         key = r["name"].split(" (")[0].replace(" ", "_") + "." + r["name"].split(", ")[-1]
         if m := re.search(r"(\d+)\+(\d+) epochs", r["name"]):  # a --two-level plan
             key += f".{m[1]}+{m[2]}_epochs"
+        elif m := re.search(r"\) (\d+) epochs", r["name"]):  # a --one-level plan
+            key += f".{m[1]}_epochs"
         key = re.sub(r"[^A-Za-z0-9_.\- /:]", "", key)  # MLflow's metric names
         metrics[f"{key}.final_val_acc"] = r["final"]
         metrics[f"{key}.train_seconds"] = r["seconds"]

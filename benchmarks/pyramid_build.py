@@ -67,12 +67,9 @@ def _driver_decode(cfg, out: Path) -> dict:
 
     _, _, splits = _load_source(cfg)
     n0 = cfg.source.size
-    blocks, train = [], set()
-    for split, (paths, y) in splits.items():
-        x = np.stack([read_image(p, n0) for p in paths])
-        new = _arrow_blocks(x, y, cfg.shard_rows, split, first_part=len(blocks))
-        train |= set(range(len(blocks), len(blocks) + len(new))) if split == "train" else set()
-        blocks += new
+    decoded = {split: (np.stack([read_image(p, n0) for p in paths]), y)
+               for split, (paths, y) in splits.items()}
+    blocks, train = _arrow_blocks(decoded, cfg.shard_rows)
     ops = [level_operator(n0 >> k, cfg.sigma, cfg.pair).numpy() for k in range(cfg.levels - 1)]
     written = ray.data.from_arrow(blocks).map_batches(
         write_levels, batch_size=None, batch_format="numpy", fn_kwargs={"out": str(out), "ops": ops},

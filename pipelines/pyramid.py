@@ -264,25 +264,27 @@ def source_shape(cfg: PyramidConfig, splits: dict[str, tuple[np.ndarray, np.ndar
     return (3, cfg.source.size) if x.ndim == 1 else (int(x.shape[1]), int(x.shape[-1]))
 
 
-def _arrow_blocks(x: np.ndarray, y: np.ndarray, rows: int, split: str, first_part: int) -> list[pa.Table]:
-    """The source split as Arrow tables of ``rows`` images each, as read (uint8 stays uint8: the
+def _arrow_blocks(splits: dict, rows: int) -> tuple[list[pa.Table], set[int]]:
+    """Every source split as Arrow tables of ``rows`` images each, as read (uint8 stays uint8: the
     conversion to [0, 1] runs in the build's tasks; paths stay paths: the tasks decode them),
-    numbered ``part`` from ``first_part``."""
+    numbered ``part`` from 0 in split order; and the parts that hold the training split."""
     from ray.data.extensions import ArrowTensorArray
 
-    out = []
-    for j, i in enumerate(range(0, len(y), rows)):
-        xi = np.ascontiguousarray(x[i : i + rows])
-        source = ({"path": pa.array(xi.tolist(), pa.string())} if x.ndim == 1
-                  else {"image": ArrowTensorArray.from_numpy(xi)})
-        out.append(pa.table({
-            **source,
-            "label": pa.array(y[i : i + rows], pa.int64()),
-            "index": pa.array(np.arange(i, i + len(xi), dtype=np.int64)),
-            "split": pa.array([split] * len(xi), pa.string()),
-            "part": pa.array([first_part + j] * len(xi), pa.int64()),
-        }))
-    return out
+    out, train = [], set()
+    for split, (x, y) in splits.items():
+        for i in range(0, len(y), rows):
+            xi = np.ascontiguousarray(x[i : i + rows])
+            source = ({"path": pa.array(xi.tolist(), pa.string())} if x.ndim == 1
+                      else {"image": ArrowTensorArray.from_numpy(xi)})
+            train |= {len(out)} if split == "train" else set()
+            out.append(pa.table({
+                **source,
+                "label": pa.array(y[i : i + rows], pa.int64()),
+                "index": pa.array(np.arange(i, i + len(xi), dtype=np.int64)),
+                "split": pa.array([split] * len(xi), pa.string()),
+                "part": pa.array([len(out)] * len(xi), pa.int64()),
+            }))
+    return out, train
 
 
 # ---------------------------------------------------------------- build
@@ -372,11 +374,7 @@ def _build(cfg: PyramidConfig, target: Path, info: dict, checksums: dict, splits
         require_ray("build_pyramid")
         channels, n0 = source_shape(cfg, splits)
         levels = [{"level": k, "n": n0 >> k, "h": 1.0 / (n0 >> k)} for k in range(cfg.levels)]
-        blocks, train_parts = [], set()
-        for split, (x, y) in splits.items():
-            new = _arrow_blocks(x, y, cfg.shard_rows, split, first_part=len(blocks))
-            train_parts |= set(range(len(blocks), len(blocks) + len(new))) if split == "train" else set()
-            blocks += new
+        blocks, train_parts = _arrow_blocks(splits, cfg.shard_rows)
         ops = [level_operator(n0 >> k, cfg.sigma, cfg.pair).numpy() for k in range(cfg.levels - 1)]
         try:
             written = ray.data.from_arrow(blocks).map_batches(
