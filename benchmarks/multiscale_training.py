@@ -35,6 +35,7 @@ import argparse
 import re
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from common import ROOT, alternate, fmt_ratio, machine, paired_ratio, publish, unit_channels
@@ -89,16 +90,15 @@ def run(name: str, plan: list[tuple[int, int]], data: dict, args, stencil: str =
             print(f"  {name}: n={n} epoch {e} val {100 * curve[-1]['val_acc']:.2f}% "
                   f"({t_train:.0f} s, {compute:.2f} fine epochs)", flush=True)
 
+        # --fine-lr: a multilevel plan's fine level starts from a trained network, so its cosine
+        # cycle may start lower than a network trained from random weights
+        lr = args.fine_lr if args.fine_lr and len(plan) > 1 and n == fine_n else args.lr
         step = None
         if mge:  # multilevel gradient estimation at this grid (mscnn.mge), free stencils moved by `move`
             move = ("dilate" if net.config.dilation > 1
                     else "naive" if args.transfer == "naive" else "galerkin")
-            step = make_step(net, "adam", args.fine_lr if args.fine_lr and len(plan) > 1 and n == fine_n
-                             else args.lr, True, epochs * -(-len(train) // args.batch_size),
+            step = make_step(net, "adam", lr, True, epochs * -(-len(train) // args.batch_size),
                              mge={"sizes": sizes, "batch_sizes": mge, "move": move})
-        # --fine-lr: a multilevel plan's fine level starts from a trained network, so its cosine
-        # cycle may start lower than a network trained from random weights
-        lr = args.fine_lr if args.fine_lr and len(plan) > 1 and n == fine_n else args.lr
         fit(net, train, epochs, lr, args.batch_size, args.seed, on_epoch=on_epoch, step=step)
     fine = [c for c in curve if c["n"] == fine_n]
     moved = [c["val_acc"] for c in fine if c.get("event") == "transferred"]
@@ -162,7 +162,7 @@ def ratios_from(path: str) -> None:
     """``--ratios-from JSON``: a finished run's per-round ratios against every single-scale plan."""
     import json
 
-    d = json.load(open(path))
+    d = json.loads(Path(path).read_text())
     rows, targets = d["rows"], d["args"]["targets"]
     for base in (r for r in rows if r["name"].startswith("1 level") and "mge" not in r["name"]):
         print("\n".join(ratio_lines(rows, base, targets)))
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
                          "the coarse and the fine grid (e.g. 4:2)")
     ap.add_argument("--one-level", type=int, nargs="+", default=[], metavar="EPOCHS",
                     help="more single-scale plans with these epochs (the shortest single-scale schedule "
-                         "that reaches a target is the fair baseline); ratios stay against --epochs[0]")
+                         "that reaches a target is the fair baseline); the table gives every plan's ratios "
+                         "against the first single-scale plan and the multilevel plans' against each")
     ap.add_argument("--transfer", choices=["galerkin", "naive", "dilate"], default="galerkin",
                     help="how free stencils move to the finer grid (dilate: to_resolution(dilate=True),"
                          " the fine network keeps the coarse taps' physical offsets)")
