@@ -135,7 +135,7 @@ def ratio_lines(rows: list[dict], base: dict, targets, keep: bool = False) -> li
     stores the ratios in the rows (the json's and MLflow's ``ratio`` is against the first single)."""
     md = ["", f"Per round, wall-clock to each target / `{base['name']}`'s (median [min-max]):", ""]
     for r in rows:
-        if r is base or r["name"] == base["name"]:
+        if r["name"] == base["name"]:
             continue
         cells = []
         for t in targets:
