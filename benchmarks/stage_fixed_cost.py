@@ -8,13 +8,15 @@ start and teardown, no data), the same with the materialised datasets, and a who
 through ``run_schedule`` (with the epoch's own time, training and validation, as the stage
 reports it). Printed only (a profile, not a result to compare).
 
-    python benchmarks/stage_fixed_cost.py --compare [--what extras|readers] [--repeats 3]
+    python benchmarks/stage_fixed_cost.py --compare [--what extras|readers|worker_group] [--repeats 3]
 
 Alternates whole 1-epoch demo stages (each in a fresh subprocess with its own local Ray) under
 settings that cut fixed cost: ``--what readers``: how the worker gets the level
 (``scaling.reader``: Ray Data, materialised by the driver, or the worker's own pyarrow read into its
 cache); ``--what extras``: Ray Train's preemption watcher and metrics callbacks on (Ray's default)
-or off (``scaling.train_extras``), both with the worker reader. Reports the stage's
+or off (``scaling.train_extras``), both with the worker reader; ``--what worker_group``: the demo's
+whole multiscale schedule (14x14 then 28x28) with a Ray Train worker group per level against one
+for the schedule (``scaling.worker_group``). Reports the stage's
 wall-clock outside the epoch and its phases (``pipelines.stage.stage_phases``), median [min-max]
 per setting, and the paired ratios. (Session 7 compared Ray Train's controller poll interval,
 ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, the same way: inconclusive, not adopted.)
@@ -36,11 +38,17 @@ COMPARISONS = {  # --what: the scaling settings compared, the first is the refer
                 "reader worker (pyarrow into the cache)": {"reader": "worker"}},
     "extras": {"Train extras on (Ray's default)": {"reader": "worker", "train_extras": "on"},
                "Train extras off": {"reader": "worker", "train_extras": "off"}},
+    "worker_group": {"a worker group per level": {"worker_group": "level"},
+                     "one worker group for the schedule": {"worker_group": "schedule"}},
 }
+# the schedule a comparison runs (default: the 1-epoch demo stage): worker groups are compared on
+# the demo's whole multiscale schedule (3 epochs at 14x14, 1 at 28x28)
+SCHEDULES = {"worker_group": "demo_multiscale.yaml"}
 
 
-def _child(scaling: dict) -> dict:
-    """One 1-epoch demo stage in this process, with its own local Ray and ``scaling`` settings."""
+def _child(scaling: dict, schedule: str | None = None) -> dict:
+    """One 1-epoch demo stage in this process (or the whole ``schedule``, a config file's name),
+    with its own local Ray and ``scaling`` settings."""
     import ray
 
     from pipelines.config import ScheduleConfig, load_config
@@ -48,20 +56,21 @@ def _child(scaling: dict) -> dict:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = Path(tempfile.mkdtemp(prefix="mscnn-fixed-"))
-    cfg = load_config(ROOT / "configs" / "demo_single.yaml", ScheduleConfig, {
+    one_stage = {"levels": [{"n": 28, "steps": 2, "epochs": 1, "optim": {"lr": 0.01}}]}
+    cfg = load_config(ROOT / "configs" / (schedule or "demo_single.yaml"), ScheduleConfig, {
         "name": "fixed", "storage_path": str(tmp / "runs"), "experiment": "mscnn-benchmarks",
-        "levels": [{"n": 28, "steps": 2, "epochs": 1, "optim": {"lr": 0.01}}],
-        "scaling": {"num_workers": 1, "cpus_per_worker": 2, **scaling}})
+        **({} if schedule else one_stage), "scaling": {"num_workers": 1, "cpus_per_worker": 2, **scaling}})
     from pipelines.pyramid import build_pyramid
 
     build_pyramid(cfg.pyramid, Path(cfg.pyramid_root).resolve())
     t = time.perf_counter()
     res = run_schedule(cfg, log=lambda s: None)
     total = time.perf_counter() - t
-    epoch = res["stages"][0]["history"][0]["stage_seconds"]
+    epochs = sum(s["seconds"] for s in res["stages"])  # training and validation, every level
     ray.shutdown()
-    return {"stage_s": total, "epoch_s": epoch, "outside_epoch_s": total - epoch,
-            "phases": res["stages"][0]["phases"]}
+    phases = {k: sum(s["phases"][k] for s in res["stages"]) for k in res["stages"][0]["phases"]}
+    return {"stage_s": total, "epoch_s": epochs, "outside_epoch_s": total - epochs, "phases": phases,
+            "final_val_accuracy": res["final_val_accuracy"]}
 
 
 def compare(repeats: int, what: str) -> None:
@@ -77,7 +86,8 @@ def compare(repeats: int, what: str) -> None:
 
     def run(scaling: dict):
         def go() -> dict:
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(scaling)],
+            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(scaling),
+                                  *(["--schedule", SCHEDULES[what]] if what in SCHEDULES else [])],
                                  capture_output=True, text=True, timeout=400)
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
@@ -86,15 +96,18 @@ def compare(repeats: int, what: str) -> None:
         return go
 
     runs = alternate({k: run(v) for k, v in settings.items()}, repeats)
-    print(f"\n1-epoch demo stage (28x28, 1 worker x 2 CPUs), {repeats} alternating rounds, "
+    what_ran = (f"the schedule {SCHEDULES[what]} (every level's phases added up)" if what in SCHEDULES
+                else "1-epoch demo stage (28x28)")
+    print(f"\n{what_ran}, 1 worker x 2 CPUs, {repeats} alternating rounds, "
           f"load average {os.getloadavg()[0]:.1f}; seconds median [min-max]")
-    print("| setting | stage s | epoch s | outside the epoch s |")
-    print("|---|---|---|---|")
+    print("| setting | stage s | epoch s | outside the epoch s | final val accuracy |")
+    print("|---|---|---|---|---|")
     for k, rs in runs.items():
         cells = []
         for key in ("stage_s", "epoch_s", "outside_epoch_s"):
             v = [r[key] for r in rs]
             cells.append(f"{statistics.median(v):.1f} [{min(v):.1f}-{max(v):.1f}]")
+        cells.append(" / ".join(f"{r['final_val_accuracy']:.4f}" for r in rs))
         print(f"| {k} | " + " | ".join(cells) + " |")
     phases = list(next(iter(runs.values()))[0]["phases"])
     print("\nphases, seconds median [min-max]\n| setting | " + " | ".join(phases) + " |")
@@ -116,11 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--what", choices=sorted(COMPARISONS), default="extras",
                     help="--compare: which scaling settings alternate")
     ap.add_argument("--child", metavar="SCALING_JSON")
+    ap.add_argument("--schedule", help="--child: run this config file's whole schedule")
     args = ap.parse_args(argv)
     if args.child:
         import json
 
-        print("RESULT " + json.dumps(_child(json.loads(args.child))), flush=True)
+        print("RESULT " + json.dumps(_child(json.loads(args.child), args.schedule)), flush=True)
         return
     if args.compare:
         compare(args.repeats, args.what)

@@ -247,6 +247,10 @@ class ScalingModel(_Strict):
     # off on a one-node Ray (nothing to preempt; pipelines.stage.train_extras_env), on for a cluster
     # of several nodes. Measured on 2 cores: no difference in a stage's fixed cost (RESULTS.md)
     train_extras: Literal["auto", "on", "off"] = "on"
+    # level: each level of a schedule is a Ray Train run of its own (a worker group started and
+    # stopped per level); schedule: the unfinished levels run one after another in one worker
+    # group, the handover done in the workers (one start and stop for the whole schedule)
+    worker_group: Literal["level", "schedule"] = "level"
 
 
 class ScheduleConfig(_Strict):

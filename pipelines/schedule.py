@@ -29,10 +29,10 @@ from mscnn.models import cost, handover
 from pipelines.config import ScheduleConfig
 from pipelines.pyramid import build_pyramid, input_scale, level_for, read_manifest
 from pipelines.runtime import exclusive, require_ray
-from pipelines.stage import StageSpec, run_stage, stage_phases
+from pipelines.stage import StageSpec, level_states, run_stage, stage_phases
 from pipelines.tracking import Tracker, git_tags
 
-__all__ = ["LevelOutcome", "run_level", "run_schedule", "stage_name", "to_target"]
+__all__ = ["LevelOutcome", "run_levels", "run_schedule", "stage_name", "to_target"]
 
 
 def stage_name(cfg: ScheduleConfig, i: int) -> str:
@@ -123,29 +123,37 @@ class _Run:
         _write_json(self.run_dir / "mlflow.json", self.ids)
 
 
-def run_level(run: _Run, i: int, prev: LevelOutcome | None, log: Callable[[str], None]) -> LevelOutcome:
-    """Level ``i``: its starting checkpoint (the previous level's best, moved), its MLflow run,
-    its Ray Train stage, and its outcome (written as ``done.json``)."""
+def _prepare_level(run: _Run, i: int, prev: LevelOutcome | None, log: Callable[[str], None]
+                   ) -> tuple[StageSpec, str, dict]:
+    """Level ``i``'s stage spec, MLflow run and lineage. Its start: the previous level's best,
+    moved here (``prev``: a finished level), moved in the worker (``prev`` None and ``i`` > 0: the
+    level before runs in the same worker group), or random weights."""
     cfg, lv, name = run.cfg, run.cfg.levels[i], stage_name(run.cfg, i)
     mcfg, chash = cfg.model_config_for(i), cfg.config_hash()
     init, lineage = None, {"schedule": cfg.name, "config_hash": chash, "stage": name,
                            "level": i, "from": None, "transfers": [], "data": run.data}
-    if prev is not None and lv.init == "transfer" and not cfg.random_init:
+    moves = i > 0 and lv.init == "transfer" and not cfg.random_init
+    in_group = moves and prev is None
+    if moves and prev is not None:
         moved, transfers = _transfer(load_checkpoint(prev.checkpoint)[0], cfg, i)
         lineage |= {"from": prev.checkpoint, "transfers": transfers}
         init = str(save_checkpoint(run.run_dir / f"{name}.init", moved, lineage))
+    elif in_group:
+        lineage["from"] = str(run.run_dir / f"{stage_name(cfg, i - 1)}.best")
     steps = getattr(mcfg, "unit_steps", None)
     log(f"[{i + 1}/{len(cfg.levels)}] {name}: {lv.epochs} epoch(s) at {lv.n}x{lv.n}"
         + (f", steps {steps}" if steps else f", {cfg.model.arch}")
-        + f", from {' + '.join(lineage['transfers']) or 'random weights'}")
+        + (", from the level before (moved in the worker group)" if in_group
+           else f", from {' + '.join(lineage['transfers']) or 'random weights'}"))
     run_id = run.ids.get(name) or run.tracker.start_run(
         f"{cfg.name}/{name}", parent_id=run.ids["parent"],
         tags={"kind": cfg.kind, "config_hash": chash, "stage": name, "level": str(i),
               "schedule": cfg.name, "n": str(lv.n)},
         params={"n": lv.n, "steps": steps, "arch": cfg.model.arch, "epochs": lv.epochs,
                 "optim": lv.optim.model_dump(), "patience": lv.patience, "init": lv.init,
-                "transfers": lineage["transfers"], "pyramid_level": run.pyramid_levels[i],
-                "estimator": lv.estimator.model_dump() if lv.estimator else None})
+                "pyramid_level": run.pyramid_levels[i],
+                "estimator": lv.estimator.model_dump() if lv.estimator else None}
+        | ({} if in_group else {"transfers": lineage["transfers"]}))  # a group's: known after it
     if name not in run.ids:
         run.tracker.log_dataset(run_id, run.pyramid, f"pyramid/{run.pyramid.name}",
                                 run.data["config_hash"], context=f"train: level {run.pyramid_levels[i]} "
@@ -163,33 +171,80 @@ def run_level(run: _Run, i: int, prev: LevelOutcome | None, log: Callable[[str],
              "sigma": cfg.pyramid.sigma,  # the coarse samples are made as the pyramid made its levels
              # the input blur a prefiltered handover gave the network comes off on the coarse grids
              "prefilter": cfg.prefilter_px(lv) or cfg.pyramid.sigma}
-        if lv.estimator else None)
-    mlflow = {"uri": run.tracker.uri, "experiment": cfg.experiment, "run_id": run_id,
-              "parent_id": run.ids["parent"]}
+        if lv.estimator else None,
+        handover={"naive": lv.naive, "lam": lv.lam, "galerkin": lv.galerkin,
+                  "prefilter": cfg.prefilter_px(lv), "dilate": lv.dilate,
+                  "init_path": str(run.run_dir / f"{name}.init")} if in_group else None)
+    return spec, run_id, lineage
+
+
+def _best_of(result, k: int | None):
+    """The checkpoint of the best validation accuracy (the earliest of equals, as the worker
+    keeps it) among the reports of a group's ``k``-th level (``None``: every report)."""
+    reports = [(c, m) for c, m in result.best_checkpoints or []
+               if k is None or int(m.get("group_index", 0)) == k]
+    return max(reports, key=lambda cm: (cm[1]["val_accuracy"], -cm[1]["global_epoch"]))[0]
+
+
+def run_levels(run: _Run, first: int, last: int, prev: LevelOutcome | None,
+               log: Callable[[str], None]) -> list[LevelOutcome]:
+    """Levels ``first .. last - 1`` in one Ray Train run (one worker group: ``scaling.worker_group:
+    schedule``; one level each otherwise): their starting checkpoint (``prev``'s best, moved; a
+    later level's is moved in the worker), MLflow runs, the stage, and each level's outcome
+    (written as ``done.json``)."""
+    cfg, idx = run.cfg, list(range(first, last))
+    prepared = [_prepare_level(run, i, prev if i == first else None, log) for i in idx]
+    specs, run_ids = [p[0] for p in prepared], [p[1] for p in prepared]
+    names = [stage_name(cfg, i) for i in idx]
+    group = len(idx) > 1
+    mlflow = {"uri": run.tracker.uri, "experiment": cfg.experiment,
+              "run_id": run_ids if group else run_ids[0], "parent_id": run.ids["parent"]}
     stamps: dict = {}
-    try:  # Ray Train V2 raises on failure: the level's run ends FAILED (KILLED on Ctrl-C)
-        result = run_stage(spec, str(run.pyramid), str(run.run_dir), cfg.scaling.model_dump(),
-                           cfg.max_failures, mlflow, cfg.materialize_data,
-                           run.train_callbacks() if run.train_callbacks else None,
-                           (lambda m: run.progress(name, m)) if run.progress else None, stamps)
+    progress = None
+    if run.progress:
+        def progress(m):
+            return run.progress(names[int(m.get("group_index", 0))], m)
+    try:  # Ray Train V2 raises on failure: the levels' runs end FAILED (KILLED on Ctrl-C)
+        result = run_stage(specs if group else specs[0], str(run.pyramid), str(run.run_dir),
+                           cfg.scaling.model_dump(), cfg.max_failures, mlflow, cfg.materialize_data,
+                           run.train_callbacks() if run.train_callbacks else None, progress, stamps,
+                           name=specs[0].name + (f"..{names[-1]}" if group else ""))
     except BaseException as e:
-        run.tracker.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        for run_id in run_ids:
+            run.tracker.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
-    best = result.get_best_checkpoint(metric="val_accuracy", mode="max")
+    with result.checkpoint.as_directory() as d:  # the latest: the whole history
+        states = level_states(json.loads((Path(d) / "train_state.json").read_text()))
+    outcomes = []
+    for k, i in enumerate(idx):
+        lineage = prepared[k][2]
+        if specs[k].handover:  # moved in the worker: its transfers are in the moved network's lineage
+            lineage = load_checkpoint(specs[k].handover["init_path"])[1]
+            run.tracker.log_params(run_ids[k], {"transfers": lineage["transfers"]})
+        ends = states[k + 1]["timeline"]["entered"] if k + 1 < len(idx) else stamps["fit_end"]
+        level_stamps = stamps if k == 0 else {"start": states[k]["timeline"]["entered"],
+                                              "fit_start": states[k]["timeline"]["entered"]}
+        outcomes.append(_finish_level(run, i, run_ids[k], lineage, _best_of(result, k if group else None),
+                                      states[k], stage_phases({**level_stamps, "fit_end": ends}, states[k]),
+                                      log))
+    return outcomes
+
+
+def _finish_level(run: _Run, i: int, run_id: str, lineage: dict, best, state: dict, phases: dict,
+                  log: Callable[[str], None]) -> LevelOutcome:
+    name, lv = stage_name(run.cfg, i), run.cfg.levels[i]
     with best.as_directory() as d:
         model, _ = load_checkpoint(Path(d) / "model")
-    with result.checkpoint.as_directory() as d:  # the latest: the whole history
-        state = json.loads((Path(d) / "train_state.json").read_text())
     history = state["history"]
     best_dir = save_checkpoint(run.run_dir / f"{name}.best", model, {**lineage, "best_of": best.path})
     last = history[-1]
     out = LevelOutcome(
-        stage=name, level=i, n=lv.n, steps=steps, epochs_run=len(history),
-        best_val_accuracy=max(h["val_accuracy"] for h in history), seconds=state["seconds"],
-        checkpoint=str(best_dir), history=history, init=state.get("init", {}),
+        stage=name, level=i, n=lv.n, steps=getattr(run.cfg.model_config_for(i), "unit_steps", None),
+        epochs_run=len(history), best_val_accuracy=max(h["val_accuracy"] for h in history),
+        seconds=state["seconds"], checkpoint=str(best_dir), history=history, init=state.get("init", {}),
         nodes=state.get("nodes", []), devices=state.get("devices", []), wallclock_end=last["wallclock"],
         compute_end=last["fine_equiv_epochs"], global_epoch_end=last["global_epoch"] + 1,
-        phases=stage_phases(stamps, state))
+        phases=phases)
     run.tracker.log_metrics(run_id, {"best_val_accuracy": out.best_val_accuracy,
                                      "epochs_run": out.epochs_run,
                                      **{f"phase_seconds/{k}": v for k, v in out.phases.items()}},
@@ -199,7 +254,7 @@ def run_level(run: _Run, i: int, prev: LevelOutcome | None, log: Callable[[str],
     run.tracker.log_artifacts(run_id, best_dir, "checkpoint")
     run.tracker.end_run(run_id)
     _write_json(run.run_dir / f"{name}.done.json", asdict(out))
-    log(f"    best val accuracy {out.best_val_accuracy:.4f} after {out.epochs_run} epoch(s), "
+    log(f"    {name}: best val accuracy {out.best_val_accuracy:.4f} after {out.epochs_run} epoch(s), "
         f"{out.seconds:.0f} s, on {devices} "
         f"({len(out.devices)} worker(s))")
     return out
@@ -209,7 +264,8 @@ def run_schedule(cfg: ScheduleConfig, log: Callable[[str], None] = print,
                  extra: dict | None = None, tags: dict | None = None,
                  train_callbacks: Callable[[], list] | None = None,
                  progress: Callable[[str, dict], None] | None = None, fresh: bool = False) -> dict:
-    """Run (or resume) every level of ``cfg`` (``run_level`` each, skipping the finished ones);
+    """Run (or resume) every level of ``cfg`` (``run_levels``: each level a Ray Train run, or the
+    unfinished ones in one with ``scaling.worker_group: schedule``; the finished ones skipped);
     returns the results (also ``results.json``). ``extra`` goes into every stage's spec (test-only
     switches); ``tags`` go on the MLflow parent run; ``train_callbacks()`` makes Ray Train
     callbacks per stage; ``progress(stage, metrics)`` is called after each epoch; ``fresh``
@@ -262,14 +318,17 @@ def _run_schedule(cfg: ScheduleConfig, run_dir: Path, chash: str, log, extra, ta
     t_start = time.perf_counter()
     outcomes: list[LevelOutcome] = []
     for i in range(len(cfg.levels)):
+        if outcomes and outcomes[-1].level >= i:  # ran in the worker group of an earlier level
+            continue
         done = run_dir / f"{stage_name(cfg, i)}.done.json"
         if done.exists():
             outcomes.append(LevelOutcome.read(done))
             log(f"[{i + 1}/{len(cfg.levels)}] {outcomes[-1].stage}: finished before, skipped "
                 f"(best val accuracy {outcomes[-1].best_val_accuracy:.4f})")
             continue
+        last = len(cfg.levels) if cfg.scaling.worker_group == "schedule" else i + 1
         try:
-            outcomes.append(run_level(run, i, outcomes[-1] if outcomes else None, log))
+            outcomes += run_levels(run, i, last, outcomes[-1] if outcomes else None, log)
         except BaseException as e:
             tracker.end_run(ids["parent"], "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise

@@ -13,6 +13,7 @@ so a worker on another node needs no route to the tracking server.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,11 +29,12 @@ import yaml
 from ray.train import UserCallback
 
 from mscnn.checkpoint import load_checkpoint, save_checkpoint
-from mscnn.models import NetConfig, build_model
+from mscnn.models import NetConfig, build_model, handover
 from mscnn.train import eval_batch_size, evaluate, make_step, train_epoch
 
 __all__ = ["CURVES", "MlflowStageCallback", "ProgressCallback", "ShardCache", "StageSpec", "resolve_gpu",
-           "run_stage", "train_func", "worker_reads"]
+           "dataset_name", "level_states", "run_stage", "train_func",
+           "worker_reads"]
 
 # what the stage and parent runs plot per epoch; bookkeeping (epoch, n, steps) are params and tags
 CURVES = ("train_loss", "val_loss", "val_accuracy", "images_per_s", "wallclock", "stage_seconds",
@@ -62,6 +64,9 @@ class StageSpec:
     cache_mb: float = 2048.0  # per worker and split: shards up to this size are kept as tensors
     read_root: str | None = None  # the pyramid, when each worker reads its rows itself (no Ray Data)
     extra: dict = field(default_factory=dict)  # e.g. the test-only fail_once switch
+    # a later level of a worker group: mscnn.models.handover's options and "init_path" (the moved
+    # network is written there, as the driver writes a level's own start)
+    handover: dict | None = None
 
 
 def _maybe_fail(spec: StageSpec, rank: int, step: int) -> None:
@@ -120,18 +125,26 @@ def _all_nodes() -> list[str]:
     return _all_gather(ray.get_runtime_context().get_node_id())
 
 
-def _start(spec: StageSpec):
-    """``(model, step state or None, train state)``: from Train's own checkpoint (a resumed
-    stage), from the incoming prolonged checkpoint, or from random weights."""
+def _fresh_state() -> dict:
+    return {"epoch": -1, "best": -1.0, "bad_epochs": 0, "seconds": 0.0, "step": 0, "history": []}
+
+
+def _resumed():
+    """Train's own checkpoint of this run (a restarted worker group or a resumed run):
+    ``(model, step state, train state, best model of the level so far or None)``, or None."""
     import ray.train
 
-    state = {"epoch": -1, "best": -1.0, "bad_epochs": 0, "seconds": 0.0, "step": 0, "history": []}
     resumed = ray.train.get_checkpoint()
-    if resumed:
-        with resumed.as_directory() as d:
-            model, _ = load_checkpoint(Path(d) / "model")
-            step_state = torch.load(Path(d) / "step.pt", weights_only=True)
-            return model, step_state, json.loads((Path(d) / "train_state.json").read_text())
+    if not resumed:
+        return None
+    with resumed.as_directory() as d:
+        model, _ = load_checkpoint(Path(d) / "model")
+        step_state = torch.load(Path(d) / "step.pt", weights_only=True)
+        best = load_checkpoint(Path(d) / "best")[0] if (Path(d) / "best").exists() else None
+        return model, step_state, json.loads((Path(d) / "train_state.json").read_text()), best
+
+
+def _initial(spec: StageSpec) -> torch.nn.Module:
     if spec.init_checkpoint:
         model, _ = load_checkpoint(spec.init_checkpoint)
     else:
@@ -140,7 +153,31 @@ def _start(spec: StageSpec):
     if model.config != spec.model:
         raise ValueError(f"stage {spec.name}: checkpoint architecture {model.config} "
                          f"differs from the level's {spec.model}")
-    return model, None, state
+    return model
+
+
+def _after(spec: StageSpec, last: dict) -> StageSpec:
+    """A later level of a worker group continues the axes where the level before ended."""
+    return replace(spec, epoch_offset=last["global_epoch"] + 1, wallclock_offset=last["wallclock"],
+                   compute_offset=last["fine_equiv_epochs"])
+
+
+def _hand_over(spec: StageSpec, best: torch.nn.Module, rank: int) -> tuple[torch.nn.Module, StageSpec]:
+    """A later level of a worker group: the level before's best network moved by the level's
+    handover (``spec.handover``: ``mscnn.models.handover``'s options and the ``init_path`` where rank
+    0 writes it, as the driver does for a level of its own)."""
+    options = {k: v for k, v in spec.handover.items() if k != "init_path"}
+    moved, transfers = handover(best, spec.model, **options)
+    lineage = {**spec.lineage, "transfers": transfers}
+    if rank == 0:
+        save_checkpoint(spec.handover["init_path"], moved, lineage)
+    return moved, replace(spec, lineage=lineage)
+
+
+def level_states(state: dict) -> list[dict]:
+    """The train state of each level a stage ran, in order, from its last checkpoint's
+    ``train_state.json`` (a worker group of several levels keeps the finished ones in ``levels``)."""
+    return [*state.get("levels", []), {k: v for k, v in state.items() if k != "levels"}]
 
 
 class ShardCache:
@@ -209,8 +246,9 @@ def _validate(model, net, val: ShardCache, batch_size: int, device) -> tuple[flo
     return tuple(_all_reduce([v["loss_sum"], v["correct"], v["count"]]))
 
 
-def _report(spec: StageSpec, net, step, state: dict, metrics: dict) -> None:
-    """Rank 0 writes the checkpoint (model, step state, train state); every worker reports."""
+def _report(spec: StageSpec, net, step, state: dict, metrics: dict, best=None) -> None:
+    """Rank 0 writes the checkpoint (model, step state, train state; ``best``: the level's best
+    network when it is not ``net``); every worker reports."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -219,6 +257,8 @@ def _report(spec: StageSpec, net, step, state: dict, metrics: dict) -> None:
             save_checkpoint(Path(tmp) / "model", net, {**spec.lineage, "epoch": metrics["epoch"]})
             torch.save(step.state_dict(), Path(tmp) / "step.pt")
             (Path(tmp) / "train_state.json").write_text(json.dumps(state))
+            if best is not None:
+                save_checkpoint(Path(tmp) / "best", best, spec.lineage)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -235,7 +275,8 @@ class MlflowStageCallback(UserCallback):
     instead, it took a core from the training for the whole second epoch, which ran at 0.67x the
     others (``benchmarks/system_overhead.py``, session 13)."""
 
-    def __init__(self, uri: str, experiment: str, run_id: str, parent_id: str | None = None) -> None:
+    def __init__(self, uri: str, experiment: str, run_id: str | list[str],
+                 parent_id: str | None = None) -> None:
         self.uri, self.experiment, self.run_id, self.parent_id = uri, experiment, run_id, parent_id
         self._tracker, self._seen, self._lock, self._warm = None, set(), threading.Lock(), None
 
@@ -257,10 +298,13 @@ class MlflowStageCallback(UserCallback):
                 from pipelines.tracking import Tracker
 
                 tracker = Tracker(self.experiment, self.uri)
-                self._seen = {m.step for m in tracker.client.get_metric_history(self.run_id,
-                                                                                "val_accuracy")}
+                self._seen = {m.step for r in self._run_ids()
+                              for m in tracker.client.get_metric_history(r, "val_accuracy")}
                 self._tracker = tracker
             return self._tracker
+
+    def _run_ids(self) -> list[str]:
+        return self.run_id if isinstance(self.run_id, list) else [self.run_id]
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         m = metrics[0] if metrics else {}
@@ -270,8 +314,9 @@ class MlflowStageCallback(UserCallback):
         if step in self._seen:  # an epoch reported again after a restart: logged already
             return
         curves = {k: m[k] for k in CURVES if k in m}
-        tracker.log_metrics(self.run_id, curves | {k: v for k, v in m.items()
-                                                   if k.startswith("init_")}, step=step)
+        run_id = self._run_ids()[int(m.get("group_index", 0))]  # a group: each level to its run
+        tracker.log_metrics(run_id, curves | {k: v for k, v in m.items()
+                                              if k.startswith("init_")}, step=step)
         if self.parent_id:
             tracker.log_metrics(self.parent_id, curves, step=step)
         self._seen.add(step)
@@ -282,14 +327,15 @@ class ProgressCallback(UserCallback):
     metrics go to the local file ``path`` (replaced whole), which the driver polls for its
     progress bar."""
 
-    def __init__(self, path: str, epochs: int) -> None:
-        self.path, self.epochs = path, epochs
+    def __init__(self, path: str, epochs: int | list[int]) -> None:
+        self.path, self.epochs = path, epochs if isinstance(epochs, list) else [epochs]
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         if not metrics or "epoch" not in metrics[0]:
             return
         tmp = f"{self.path}.tmp"
-        Path(tmp).write_text(json.dumps({**metrics[0], "epochs": self.epochs}))
+        epochs = self.epochs[int(metrics[0].get("group_index", 0))]  # of the metrics' level
+        Path(tmp).write_text(json.dumps({**metrics[0], "epochs": epochs}))
         os.replace(tmp, self.path)
 
 
@@ -349,16 +395,69 @@ def worker_reads(scaling: dict, manifest: dict, level: int, pyramid: str) -> boo
     return not uri and 0 < largest <= scaling["worker_cache_mb"] * 2**20
 
 
-def train_func(config: dict) -> None:
-    """The per-worker loop of one stage, ``config = {"spec": StageSpec}``: Ray's shards into
-    ``mscnn.train.train_epoch``, validation all-reduced, a checkpoint and a report every epoch."""
-    import ray.train
-    import ray.train.torch
+def _read_caches(spec: StageSpec, k: int, rank: int, world: int, device, scale):
+    if spec.read_root:  # scaling.reader: worker -- pyarrow straight into the cache, no Ray Data pass
+        from pipelines.pyramid import level_tensors
 
-    spec: StageSpec = config["spec"]
+        caches = []
+        for s in ("train", "val"):
+            split = level_tensors(spec.read_root, spec.level, s)
+            caches.append(ShardCache.of_tensors(split.x, split.y, rank, world, device,
+                                                equal=s == "train", scale=scale))
+            del split  # the whole split: each cache holds its own rows
+        return caches
+    import ray.train
+
+    limit = spec.cache_mb * 2**20
+    return [ShardCache(ray.train.get_dataset_shard(dataset_name(s, k)), limit, scale)
+            for s in ("train", "val")]
+
+
+def dataset_name(split: str, k: int) -> str:
+    """The Ray Data dataset of ``split`` for the ``k``-th level of a worker group."""
+    return split if k == 0 else f"{split}_{k}"
+
+
+def train_func(config: dict) -> None:
+    """The per-worker loop, ``config = {"specs": [StageSpec, ...]}`` (or ``{"spec": StageSpec}``):
+    one level after another in the same worker group (``scaling.worker_group: schedule``; one level
+    per group otherwise), each level's shards into ``mscnn.train.train_epoch``, validation
+    all-reduced, a checkpoint and a report every epoch. A later level starts from the level before's
+    best network, moved by its handover here in the worker (no new worker group)."""
+    import ray.train
+
+    specs: list[StageSpec] = config.get("specs") or [config["spec"]]
     t_entry = time.time()  # wall-clock stamps (the driver's too): where the stage's time goes
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
-    net, step_state, state = _start(spec)
+    resumed = _resumed()
+    k0 = resumed[2].get("group_index", 0) if resumed else 0
+    done = resumed[2].get("levels", []) if resumed else []
+    best = None
+    for k in range(k0, len(specs)):
+        spec = specs[k] if k == 0 else _after(specs[k], done[-1]["history"][-1])
+        if resumed and k == k0:
+            net, step_state, state, best = resumed
+            best = best if best is not None else copy.deepcopy(net)
+            if spec.handover:
+                spec = replace(spec, lineage=load_checkpoint(spec.handover["init_path"])[1])
+        elif spec.handover is None:  # the group's first level, or a level from random weights
+            net, step_state, state = _initial(spec), None, _fresh_state()
+        else:
+            (net, spec), step_state, state = _hand_over(spec, best, rank), None, _fresh_state()
+        state |= {"group_index": k, "levels": done} if len(specs) > 1 else {}
+        best = _train_level(spec, k, net, step_state, state, rank, world, t_entry,
+                            keep_best=k < len(specs) - 1, best=best if resumed and k == k0 else None)
+        done = [*done, {key: v for key, v in state.items() if key != "levels"}]
+        t_entry = time.time()
+
+
+def _train_level(spec: StageSpec, k: int, net, step_state, state: dict, rank: int, world: int,
+                 t_entry: float, keep_best: bool, best=None):
+    """One level's epochs (``train_func``); returns its best network when ``keep_best`` (``best``:
+    the best so far of a resumed level; the next level of the group starts from it, and each
+    checkpoint carries it while it is not that epoch's network, so a restarted group has it too)."""
+    import ray.train.torch
+
     model, device = ray.train.torch.prepare_model(net), ray.train.torch.get_device()
     bs = spec.optim["batch_size"]
     steps = spec.epochs * -(-spec.train_count // (bs * max(world, 1)))
@@ -369,20 +468,7 @@ def train_func(config: dict) -> None:
     if step_state:
         step.load_state_dict(step_state)
     scale = torch.tensor(spec.input_scale, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    if spec.read_root:  # scaling.reader: worker -- pyarrow straight into the cache, no Ray Data pass
-        from pipelines.pyramid import level_tensors
-
-        caches = []
-        for s in ("train", "val"):
-            split = level_tensors(spec.read_root, spec.level, s)
-            caches.append(ShardCache.of_tensors(split.x, split.y, rank, world, device,
-                                                equal=s == "train", scale=scale))
-        train, val = caches
-        del split  # the whole split: each cache holds its own rows
-    else:
-        limit = spec.cache_mb * 2**20
-        train = ShardCache(ray.train.get_dataset_shard("train"), limit, scale)
-        val = ShardCache(ray.train.get_dataset_shard("val"), limit, scale)
+    train, val = _read_caches(spec, k, rank, world, device, scale)
     state["nodes"] = _all_nodes()  # where this stage's workers run (the last attempt)
     state["devices"] = _all_gather(str(device))  # and on what: cpu, cuda:0, ...
     t_setup = time.time()
@@ -393,7 +479,8 @@ def train_func(config: dict) -> None:
     state["timeline"] = {"entered": t_entry, "setup_done": t_setup, "init_validated": time.time(),
                          "report_s": 0.0, "seconds_before": state["seconds"]}
     step0 = state["step"]
-    for epoch in range(state["epoch"] + 1, spec.epochs):
+    stopped = spec.patience is not None and state["bad_epochs"] >= spec.patience  # before a restart
+    for epoch in range(state["epoch"] + 1, spec.epochs if not stopped else 0):
         t0 = time.perf_counter()
         rec = train_epoch(step, train.batches(bs, device, spec.seed + epoch), net,
                           on_batch=lambda i, s0=step0: _maybe_fail(spec, rank, s0 + i))
@@ -402,17 +489,23 @@ def train_func(config: dict) -> None:
         state["seconds"] += time.perf_counter() - t0  # training and validation
         summed = _all_reduce([rec["loss"] * rec["images"], rec["images"], rec["images_per_s"]])
         metrics = _metrics(spec, state, epoch, [summed[0], summed[1], *val_sums, summed[2]])
+        if "group_index" in state:
+            metrics["group_index"] = k
         if epoch == 0:  # the incoming network's accuracy, logged with the level's first epoch
             metrics |= state["init"]
-        state["bad_epochs"] = 0 if metrics["val_accuracy"] > state["best"] else state["bad_epochs"] + 1
+        improved = metrics["val_accuracy"] > state["best"]
+        state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
         state |= {"best": max(state["best"], metrics["val_accuracy"]), "epoch": epoch}
         state["history"].append(metrics)
+        if keep_best and improved:
+            best = copy.deepcopy(net)
         t_report = time.time()
         state["timeline"]["last_report"] = t_report
-        _report(spec, net, step, state, metrics)
+        _report(spec, net, step, state, metrics, best if keep_best and not improved else None)
         state["timeline"]["report_s"] += time.time() - t_report  # checkpoint written and reported
         if spec.patience is not None and state["bad_epochs"] >= spec.patience:
             break
+    return best
 
 
 def scalable_gpus() -> float:
@@ -508,12 +601,15 @@ def train_extras_env(setting: str, nodes: int | None = None):
                 os.environ.pop(k, None)
 
 
-def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
+def run_stage(spec: StageSpec | list[StageSpec], pyramid: str, storage_path: str, scaling: dict,
               max_failures: int, mlflow: dict | None, materialize: bool = True,
               callbacks: list | None = None, progress: Callable[[dict], None] | None = None,
-              stamps: dict | None = None):
-    """Run one stage with ``TorchTrainer``; returns Ray Train's ``Result``. ``mlflow``:
-    ``{"uri", "experiment", "run_id", "parent_id"}`` for ``MlflowStageCallback``. ``materialize``
+              stamps: dict | None = None, name: str | None = None):
+    """Run one stage with ``TorchTrainer``; returns Ray Train's ``Result``. ``spec``: one level, or
+    the levels one worker group trains one after another (``scaling.worker_group: schedule``; each
+    later level starts from the one before's best network, moved by its ``handover``); the run is
+    called ``name`` (default: the first level's). ``mlflow``: ``{"uri", "experiment", "run_id",
+    "parent_id"}`` for ``MlflowStageCallback`` (``run_id``: one per level for a group). ``materialize``
     reads the level into Ray's object store once (fast epochs for data that fits); otherwise every
     epoch streams the Parquet shards; neither applies when the workers read the level themselves
     (``worker_reads``: no Ray Data datasets at all). ``progress(metrics)`` is called on this thread
@@ -524,27 +620,32 @@ def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
 
     from pipelines.pyramid import input_scale, load_level, read_manifest
 
+    specs = spec if isinstance(spec, list) else [spec]
     stamps = {} if stamps is None else stamps
     stamps["start"] = time.time()
     manifest = read_manifest(pyramid)
-    n_level = manifest["levels"][spec.level]["n"]
-    if n_level != spec.model.n:
-        raise ValueError(f"stage {spec.name}: pyramid level {spec.level} has n={n_level}, "
-                         f"the model n={spec.model.n}")
+    for sp in specs:
+        n_level = manifest["levels"][sp.level]["n"]
+        if n_level != sp.model.n:
+            raise ValueError(f"stage {sp.name}: pyramid level {sp.level} has n={n_level}, "
+                             f"the model n={sp.model.n}")
     use_gpu = resolve_gpu(scaling)
-    spec.input_scale = input_scale(manifest)
-    spec.cache_mb = scaling["worker_cache_mb"]
-    spec.train_count = manifest["counts"]["train"]["total"]
-    reads = worker_reads(scaling, manifest, spec.level, pyramid)
-    spec.read_root = str(Path(pyramid).resolve()) if reads else None
+    for sp in specs:
+        sp.input_scale = input_scale(manifest)
+        sp.cache_mb = scaling["worker_cache_mb"]
+        sp.train_count = manifest["counts"]["train"]["total"]
+        reads = worker_reads(scaling, manifest, sp.level, pyramid)
+        sp.read_root = str(Path(pyramid).resolve()) if reads else None
     callbacks = [*(callbacks or []), *([MlflowStageCallback(**mlflow)] if mlflow else [])]
     progress_file = None
     if progress:
         progress_file = Path(tempfile.mkdtemp(prefix="mscnn-progress-")) / "progress.json"
-        callbacks.append(ProgressCallback(str(progress_file), spec.epochs))
+        callbacks.append(ProgressCallback(str(progress_file), [sp.epochs for sp in specs]))
+    datasets = {dataset_name(s, k): load_level(pyramid, sp.level, s)
+                for k, sp in enumerate(specs) if not sp.read_root for s in ("train", "val")}
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"spec": spec},
+        train_loop_config={"specs": specs},
         scaling_config=ScalingConfig(
             num_workers=scaling["num_workers"], use_gpu=use_gpu,
             resources_per_worker={"CPU": scaling["cpus_per_worker"],
@@ -552,14 +653,12 @@ def run_stage(spec: StageSpec, pyramid: str, storage_path: str, scaling: dict,
             placement_strategy=scaling["placement_strategy"],
         ),
         run_config=RunConfig(
-            name=spec.name, storage_path=storage_path,
+            name=name or specs[0].name, storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             callbacks=callbacks or None,
         ),
-        datasets=None if spec.read_root else {
-            s: ds.materialize() if materialize else ds
-            for s, ds in ((s, load_level(pyramid, spec.level, s)) for s in ("train", "val"))},
+        datasets={s: ds.materialize() if materialize else ds for s, ds in datasets.items()} or None,
         # one worker reads the whole level: no split, so no split-coordinator actor per dataset
         # (starting them cost seconds of every stage's first pass over each split)
         dataset_config=DataConfig(datasets_to_split=[] if scaling["num_workers"] <= 1 else "all"),

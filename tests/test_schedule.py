@@ -225,6 +225,55 @@ def test_depth_schedule_doubles_steps(local_ray, tmp_path, mlflow_uri):
     assert [s["steps"] for s in res["stages"]] == [[1], [2]]
 
 
+def test_one_worker_group_for_the_schedule_trains_the_same_networks(local_ray, tmp_path, mlflow_uri):
+    """``scaling.worker_group: schedule``: both levels in one Ray Train run (one worker group, the
+    handover done in the worker) train the same networks as a Ray Train run per level, to the last
+    bit, with the same files and MLflow runs; a worker that dies in the fine level is restarted from
+    that level's checkpoint, not from the coarse level's."""
+    levels = [{"n": 8, "steps": 1, "epochs": 1, "optim": {"batch_size": 32}},
+              {"n": 16, "steps": 1, "epochs": 2, "optim": {"batch_size": 32}, "lam": 0.5,
+               "galerkin": ["units"], "prefilter": True}]
+    per = _cfg(tmp_path, levels, name="per")
+    one = _cfg(tmp_path, levels, name="one", scaling={"worker_group": "schedule"}, max_failures=1)
+    marker = tmp_path / "failed-once"
+    res = {"per": run_schedule(per, log=lambda s: None)}
+    logs: list[str] = []
+    # 192 training images / 32 = 6 steps per epoch: the fine level's step 8 is in its second epoch
+    res["one"] = run_schedule(one, log=logs.append,
+                              extra={"fail_once": {"rank": 0, "step": 8, "marker": str(marker)}})
+    assert marker.read_text() == "failed at step 8\n"
+    assert any("from the level before (moved in the worker group)" in s for s in logs)
+    for key in ("val_accuracy", "train_loss", "global_epoch", "epoch", "fine_equiv_epochs"):
+        assert ([[h[key] for h in s["history"]] for s in res["one"]["stages"]]
+                == [[h[key] for h in s["history"]] for s in res["per"]["stages"]]), key
+    assert [s["init"] for s in res["one"]["stages"]] == [s["init"] for s in res["per"]["stages"]]
+    for name in ("L0-n8-N1.best", "L1-n16-N1.init", "L1-n16-N1.best"):
+        (a, la), (b, lb) = load_checkpoint(_run_dir(per) / name), load_checkpoint(_run_dir(one) / name)
+        for k, v in a.state_dict().items():
+            assert torch.equal(b.state_dict()[k], v), (name, k)
+        assert la["transfers"] == lb["transfers"] and (la["from"] is None) == ("L0" in name)
+        if "L1" in name:
+            assert la["from"].endswith("L0-n8-N1.best") and lb["from"].endswith("L0-n8-N1.best")
+    assert lb["transfers"] == ["to_resolution(16, prefilter=1.22474, lam=0.5, galerkin=['units'])"]
+    # one Ray Train run for both levels; the fine level started no worker group of its own
+    trainer_dirs = sorted(p.name for p in _run_dir(one).iterdir() if p.is_dir() and p.name.startswith("one-"))
+    assert trainer_dirs == [f"one-{one.config_hash()}-L0-n8-N1..L1-n16-N1"]
+    coarse, fine = (s["phases"] for s in res["one"]["stages"])
+    assert coarse["worker_start"] > 0.5 and fine["worker_start"] == fine["datasets"] == 0
+    assert fine["epochs"] == pytest.approx(res["one"]["stages"][1]["seconds"], abs=1e-3)
+    # the restart went on from the fine level's first checkpoint: Adam counted 2 epochs of 6 steps
+    d = _run_dir(one) / trainer_dirs[0]
+    last = sorted(p for p in d.glob("checkpoint_*") if (p / "train_state.json").exists())[-1]
+    adam = torch.load(last / "step.pt", weights_only=True)["optimizer"]["state"]
+    assert {int(v["step"]) for v in adam.values()} == {12}
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("test").experiment_id
+    for stage, steps in (("L0-n8-N1", [0]), ("L1-n16-N1", [1, 2])):
+        run = client.search_runs([exp], f"tags.stage = '{stage}' and tags.schedule = 'one'")[0]
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")) == steps
+        assert run.info.status == "FINISHED" and "transfers" in run.data.params
+
+
 def _watchers() -> int:
     """Ray Train preemption watcher actors created in this Ray session so far (alive or dead)."""
     import ray
