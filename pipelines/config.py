@@ -247,10 +247,11 @@ class ScalingModel(_Strict):
     # off on a one-node Ray (nothing to preempt; pipelines.stage.train_extras_env), on for a cluster
     # of several nodes. Measured on 2 cores: no difference in a stage's fixed cost (RESULTS.md)
     train_extras: Literal["auto", "on", "off"] = "on"
-    # level: each level of a schedule is a Ray Train run of its own (a worker group started and
-    # stopped per level); schedule: the unfinished levels run one after another in one worker
-    # group, the handover done in the workers (one start and stop for the whole schedule)
-    worker_group: Literal["level", "schedule"] = "level"
+    # schedule: the unfinished levels of a schedule run one after another in one Ray Train run
+    # (one worker group, started and stopped once; the handover done in the workers); level: each
+    # level a Ray Train run of its own (its own worker group). The same networks to the bit; the
+    # demo's two-level schedule took 29 s against 47 (benchmarks/RESULTS.md, issue 18)
+    worker_group: Literal["schedule", "level"] = "schedule"
 
 
 class ScheduleConfig(_Strict):

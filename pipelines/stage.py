@@ -478,7 +478,7 @@ def _train_level(spec: StageSpec, k: int, net, step_state, state: dict, rank: in
     # this attempt's stamps (a resumed stage starts a new attempt)
     state["timeline"] = {"entered": t_entry, "setup_done": t_setup, "init_validated": time.time(),
                          "report_s": 0.0, "seconds_before": state["seconds"]}
-    step0 = state["step"]
+    step0, reported = state["step"], 0.0
     stopped = spec.patience is not None and state["bad_epochs"] >= spec.patience  # before a restart
     for epoch in range(state["epoch"] + 1, spec.epochs if not stopped else 0):
         t0 = time.perf_counter()
@@ -502,9 +502,12 @@ def _train_level(spec: StageSpec, k: int, net, step_state, state: dict, rank: in
         t_report = time.time()
         state["timeline"]["last_report"] = t_report
         _report(spec, net, step, state, metrics, best if keep_best and not improved else None)
-        state["timeline"]["report_s"] += time.time() - t_report  # checkpoint written and reported
+        reported = time.time() - t_report  # checkpoint written and reported
+        state["timeline"]["report_s"] += reported
         if spec.patience is not None and state["bad_epochs"] >= spec.patience:
             break
+    # as the level's last checkpoint holds it: its last report is the level's teardown
+    state["timeline"]["report_s"] -= reported
     return best
 
 

@@ -86,7 +86,11 @@ def test_each_stage_says_where_its_seconds_went(two_level):
         assert set(ph) == keys
         assert ph["epochs"] == pytest.approx(s["seconds"], abs=1e-3)
         assert all(v >= 0 for k, v in ph.items() if k != "other")
-        assert ph["worker_start"] > 0.5 and ph["teardown"] > 0  # a real worker group started
+        assert ph["teardown"] > 0 and abs(ph["other"]) < 0.5
+    # one worker group for both levels (scaling.worker_group: schedule, the default): it started
+    # once, before the coarse level; the fine level went on in it
+    coarse, fine = (s["phases"] for s in two_level.res["stages"])
+    assert coarse["worker_start"] > 0.5 and fine["worker_start"] == fine["datasets"] == 0
 
 
 def test_stage_phases_arithmetic():
@@ -233,7 +237,7 @@ def test_one_worker_group_for_the_schedule_trains_the_same_networks(local_ray, t
     levels = [{"n": 8, "steps": 1, "epochs": 1, "optim": {"batch_size": 32}},
               {"n": 16, "steps": 1, "epochs": 2, "optim": {"batch_size": 32}, "lam": 0.5,
                "galerkin": ["units"], "prefilter": True}]
-    per = _cfg(tmp_path, levels, name="per")
+    per = _cfg(tmp_path, levels, name="per", scaling={"worker_group": "level"})
     one = _cfg(tmp_path, levels, name="one", scaling={"worker_group": "schedule"}, max_failures=1)
     marker = tmp_path / "failed-once"
     res = {"per": run_schedule(per, log=lambda s: None)}
