@@ -118,7 +118,7 @@ def compare(repeats: int, what: str) -> None:
             for v in ([r["phases"][ph] for r in rs] for ph in phases)) + " |")
     base = [r["outside_epoch_s"] for r in runs[next(iter(settings))]]
     for k in list(settings)[1:]:
-        print(f"- fixed cost, default / {k}: "
+        print(f"- fixed cost, {next(iter(settings))} / {k}: "
               f"{fmt_ratio(paired_ratio(base, [r['outside_epoch_s'] for r in runs[k]]))}")
 
 
