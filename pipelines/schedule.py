@@ -1,14 +1,18 @@
-"""A schedule: levels trained one after another, each a Ray Train stage (``pipelines.stage``).
+"""A schedule: levels trained one after another in Ray Train (``pipelines.stage``).
 
-Between levels the driver loads the stage's best checkpoint, moves it with ``mscnn.hierarchy``
-(``to_resolution`` when n changes, ``to_depth`` when the steps change; ``resnet_to_resolution`` for
-``model.arch: resnet34``), writes it as the next stage's initial checkpoint (with lineage) and
-starts that stage from it. A one-level schedule is the single-scale baseline: the same code path.
+Between levels the best network of a level is moved with ``mscnn.hierarchy`` (``to_resolution``
+when n changes, ``to_depth`` when the steps change; ``resnet_to_resolution`` for ``model.arch:
+resnet34``), written as the next level's initial checkpoint (with lineage), and the next level
+starts from it. With ``scaling.worker_group: schedule`` (the default) the unfinished levels run in
+one Ray Train run, one worker group, and the move is done in the workers; with ``level`` each level
+is a Ray Train run of its own and the driver moves the network between them. A one-level schedule
+is the single-scale baseline: the same code path.
 
-Storage: ``<storage_path>/<name>-<config hash>/`` holds one Ray Train run per stage (named
-``<name>-<hash>-L<i>-n<n>-N<steps>``, so rerunning resumes it), ``L<i>.init`` (the incoming
-checkpoint), ``L<i>.best`` and ``L<i>.done.json`` (the stage's outcome). Rerunning a schedule skips
-every level with a ``done.json`` and resumes at the first unfinished one.
+Storage: ``<storage_path>/<name>-<config hash>/`` holds the Ray Train run(s) (named
+``<name>-<hash>-L<i>-n<n>-N<steps>`` for one level, ``...-L<i>-...-N<steps>..L<j>-...`` for levels
+i..j in one worker group, so rerunning resumes it), ``L<i>.init`` (the incoming checkpoint),
+``L<i>.best`` and ``L<i>.done.json`` (the level's outcome). Rerunning a schedule skips every level
+with a ``done.json`` and resumes at the first unfinished one.
 """
 
 from __future__ import annotations

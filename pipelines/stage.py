@@ -1,8 +1,9 @@
-"""One level of a schedule = one Ray Train ``TorchTrainer`` run.
+"""The levels of a schedule in one Ray Train ``TorchTrainer`` run (or one level per run).
 
-``train_func(config)`` runs on every worker: it reads its shard of the level's pyramid
-(``get_dataset_shard``), builds the model from Train's own checkpoint (a resumed stage), from the
-incoming prolonged checkpoint (``config["init_checkpoint"]``) or from scratch, trains with DDP
+``train_func(config)`` runs on every worker, level after level: it reads its shard of the level's
+pyramid (its own pyarrow read, or ``get_dataset_shard``), builds the model from Train's own
+checkpoint (a resumed run), from the incoming prolonged checkpoint (``init_checkpoint``), from the
+level before's best network moved by the level's handover, or from scratch, trains with DDP
 (``prepare_model``), validates (accuracy all-reduced over workers) and reports metrics and a
 checkpoint every epoch. Rank 0 alone writes checkpoints. Workers never talk to MLflow: the
 ``MlflowStageCallback`` runs in Ray Train's controller, on the driver's node, and logs each reported

@@ -212,7 +212,8 @@ def test_multiscale_job_on_two_node_cluster(cluster, tmp_path):
         assert (Path(stage["checkpoint"]) / "model.pt").is_file()
         assert str(shared) in stage["checkpoint"]
         assert len(set(stage["nodes"])) == 2, stage["nodes"]
-    assert list((run_dir / "cluster-ms-" f"{results['config_hash']}-L0-n8-N1").glob("checkpoint_*"))
+    # both levels in one Ray Train run: one worker group across the two nodes (worker_group: schedule)
+    assert list((run_dir / f"cluster-ms-{results['config_hash']}-L0-n8-N1..L1-n16-N1").glob("checkpoint_*"))
 
 
 def test_the_readmes_job_submit_runs_as_written_from_a_fresh_clone(cluster, tmp_path):
