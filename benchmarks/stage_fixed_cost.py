@@ -8,7 +8,7 @@ start and teardown, no data), the same with the materialised datasets, and a who
 through ``run_schedule`` (with the epoch's own time, training and validation, as the stage
 reports it). Printed only (a profile, not a result to compare).
 
-    python benchmarks/stage_fixed_cost.py --compare [--what extras|readers|worker_group] [--repeats 3]
+    python benchmarks/stage_fixed_cost.py --compare [--what extras|readers|worker_group|poll] [--repeats 3]
 
 Alternates whole 1-epoch demo stages (each in a fresh subprocess with its own local Ray) under
 settings that cut fixed cost: ``--what readers``: how the worker gets the level
@@ -16,10 +16,12 @@ settings that cut fixed cost: ``--what readers``: how the worker gets the level
 cache); ``--what extras``: Ray Train's preemption watcher and metrics callbacks on (Ray's default)
 or off (``scaling.train_extras``), both with the worker reader; ``--what worker_group``: the demo's
 whole multiscale schedule (14x14 then 28x28) with a Ray Train worker group per level against one
-for the schedule (``scaling.worker_group``). Reports the stage's
+for the schedule (``scaling.worker_group``); ``--what poll``: that schedule with Ray Train's
+controller polling its workers every 2 s (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's default) or
+0.5 s. Reports the stage's
 wall-clock outside the epoch and its phases (``pipelines.stage.stage_phases``), median [min-max]
-per setting, and the paired ratios. (Session 7 compared Ray Train's controller poll interval,
-``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, the same way: inconclusive, not adopted.)
+per setting, and the paired ratios. (Session 7 compared the poll interval on a one-level stage:
+inconclusive, not adopted.)
 """
 
 from __future__ import annotations
@@ -40,20 +42,28 @@ COMPARISONS = {  # --what: the scaling settings compared, the first is the refer
                "Train extras off": {"reader": "worker", "train_extras": "off"}},
     "worker_group": {"a worker group per level": {"worker_group": "level"},
                      "one worker group for the schedule": {"worker_group": "schedule"}},
+    # "env": variables set in the child before Ray starts (Ray Train propagates this one to its
+    # controller, which polls the workers at that interval: their start, reports and end)
+    "poll": {"Train polls every 2 s (Ray's default)": {"env": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}},
+             "Train polls every 0.5 s": {"env": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}}},
 }
 # the schedule a comparison runs (default: the 1-epoch demo stage): worker groups are compared on
 # the demo's whole multiscale schedule (3 epochs at 14x14, 1 at 28x28)
-SCHEDULES = {"worker_group": "demo_multiscale.yaml"}
+SCHEDULES = {"worker_group": "demo_multiscale.yaml", "poll": "demo_multiscale.yaml"}
 
 
 def _child(scaling: dict, schedule: str | None = None) -> dict:
     """One 1-epoch demo stage in this process (or the whole ``schedule``, a config file's name),
     with its own local Ray and ``scaling`` settings."""
+    import os
+
     import ray
 
     from pipelines.config import ScheduleConfig, load_config
     from pipelines.schedule import run_schedule
 
+    scaling = dict(scaling)
+    os.environ.update(scaling.pop("env", {}))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     tmp = Path(tempfile.mkdtemp(prefix="mscnn-fixed-"))
     one_stage = {"levels": [{"n": 28, "steps": 2, "epochs": 1, "optim": {"lr": 0.01}}]}

@@ -247,6 +247,10 @@ class ScalingModel(_Strict):
     # off on a one-node Ray (nothing to preempt; pipelines.stage.train_extras_env), on for a cluster
     # of several nodes. Measured on 2 cores: no difference in a stage's fixed cost (RESULTS.md)
     train_extras: Literal["auto", "on", "off"] = "on"
+    # how often Ray Train's controller polls its workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; Ray's
+    # default 2 s), which is also how soon it sees a worker group start, a report and the end: at
+    # 0.5 s the demo's schedule ended 3.6 s sooner after its last report (benchmarks/RESULTS.md)
+    train_poll_s: float = Field(0.5, gt=0)
     # schedule: the unfinished levels of a schedule run one after another in one Ray Train run
     # (one worker group, started and stopped once; the handover done in the workers); level: each
     # level a Ray Train run of its own (its own worker group). The same networks to the bit; the

@@ -34,8 +34,8 @@ from mscnn.models import NetConfig, build_model, handover
 from mscnn.train import eval_batch_size, evaluate, make_step, train_epoch
 
 __all__ = ["CURVES", "MlflowStageCallback", "ProgressCallback", "ShardCache", "StageSpec", "resolve_gpu",
-           "dataset_name", "level_states", "run_stage", "train_func",
-           "worker_reads"]
+           "dataset_name", "level_states", "run_stage", "train_extras_env",
+           "train_func", "train_poll_env", "worker_reads"]
 
 # what the stage and parent runs plot per epoch; bookkeeping (epoch, n, steps) are params and tags
 CURVES = ("train_loss", "val_loss", "val_accuracy", "images_per_s", "wallclock", "stage_seconds",
@@ -582,6 +582,22 @@ TRAIN_EXTRAS_ENV = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_EN
 
 
 @contextlib.contextmanager
+def _env_defaults(values: dict[str, str]):
+    """``values`` in ``os.environ`` while the block runs, except a variable the user set (it wins
+    and stays); yields the variables as they are in force."""
+    saved = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if saved[k] is None:
+            os.environ[k] = v
+    try:
+        yield {k: os.environ[k] for k in values}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
+@contextlib.contextmanager
 def train_extras_env(setting: str, nodes: int | None = None):
     """While a stage's ``fit`` runs: Ray Train's preemption watcher and metrics callbacks on or off
     (``scaling.train_extras``; ``auto``: off when the Ray cluster has one alive node, ``nodes``
@@ -593,16 +609,22 @@ def train_extras_env(setting: str, nodes: int | None = None):
 
             nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         setting = "on" if nodes > 1 else "off"
-    saved = {k: os.environ.get(k) for k in TRAIN_EXTRAS_ENV}
-    for k in TRAIN_EXTRAS_ENV:
-        if saved[k] is None:
-            os.environ[k] = "1" if setting == "on" else "0"
-    try:
-        yield {k: os.environ[k].strip().lower() in ("1", "true") for k in TRAIN_EXTRAS_ENV}
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
+    with _env_defaults(dict.fromkeys(TRAIN_EXTRAS_ENV, "1" if setting == "on" else "0")) as env:
+        yield {k: v.strip().lower() in ("1", "true") for k, v in env.items()}
+
+
+# read by Ray Train V2's controller (propagated from the driver, ENV_VARS_TO_PROPAGATE): how often
+# it polls its workers, which is also how soon it sees them started, a report, and the end
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+@contextlib.contextmanager
+def train_poll_env(seconds: float):
+    """While a stage's ``fit`` runs: Ray Train's controller polls its workers every ``seconds``
+    (``scaling.train_poll_s``; Ray's own default is 2 s). A ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``
+    the user set wins. Yields the interval in force, in seconds."""
+    with _env_defaults({TRAIN_POLL_ENV: f"{seconds:g}"}) as env:
+        yield float(env[TRAIN_POLL_ENV])
 
 
 def run_stage(spec: StageSpec | list[StageSpec], pyramid: str, storage_path: str, scaling: dict,
@@ -669,7 +691,8 @@ def run_stage(spec: StageSpec | list[StageSpec], pyramid: str, storage_path: str
     )
     stamps["fit_start"] = time.time()
     try:
-        with train_extras_env(scaling.get("train_extras", "on")):
+        with (train_extras_env(scaling.get("train_extras", "on")),
+              train_poll_env(scaling.get("train_poll_s", 0.5))):
             if not progress:
                 return trainer.fit()
             return _fit_with_progress(trainer, progress_file, progress)

@@ -402,11 +402,11 @@ def test_a_worker_killed_by_sigkill_mid_level_resumes_from_its_checkpoint(local_
     _assert_resumed(cfg, mlflow_uri, epochs=6, steps_per_epoch=3)
 
 
-def test_a_driver_killed_by_sigkill_mid_level_resumes_when_rerun(local_ray, tmp_path, mlflow_uri):
-    """The schedule's driver, a process of its own joined to this Ray, is SIGKILLed once two epochs
-    are checkpointed (its Train controller and workers die with it); running it again resumes the
-    level from the checkpoint, and MLflow ends with every epoch once in the same runs."""
-    import json
+def _kill_driver_and_rerun(cfg, tmp_path, uri: str, stage: str, trainer: str, index: int = 0) -> dict:
+    """Runs ``cfg``'s driver as a process of its own joined to this Ray, SIGKILLs it once two
+    epochs of ``stage`` are logged (its Train controller and workers die with it; the Ray Train run
+    folder ``trainer`` then holds 2 to 5 checkpoints of that stage, the ``index``-th level of the
+    run), runs it again to the end, and returns its ``results.json``."""
     import signal
     import subprocess
     import sys
@@ -415,8 +415,6 @@ def test_a_driver_killed_by_sigkill_mid_level_resumes_when_rerun(local_ray, tmp_
     import ray
     import yaml
 
-    cfg = _cfg(tmp_path, [{"n": 16, "steps": 1, "epochs": 6, "optim": {"batch_size": 32}}],
-               kind="single", name="drvkill", scaling={"num_workers": 1})
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     driver = ("import sys, yaml\n"
               "from pipelines.config import ScheduleConfig\n"
@@ -426,23 +424,59 @@ def test_a_driver_killed_by_sigkill_mid_level_resumes_when_rerun(local_ray, tmp_
               "cfg = ScheduleConfig.model_validate(yaml.safe_load(open(sys.argv[1])))\n"
               "run_schedule(cfg, extra={'batch_sleep': float(sys.argv[3])})\n")
     gcs = ray.get_runtime_context().gcs_address
-    d = _run_dir(cfg) / f"{cfg.name}-{cfg.config_hash()}-L0-n16-N1"
+    d = _run_dir(cfg) / trainer
     args = [sys.executable, "-c", driver, str(tmp_path / "cfg.yaml"), gcs]
     first = subprocess.Popen([*args, "0.3"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     end = time.time() + 300
-    while time.time() < end and _epochs_logged(mlflow_uri, "L0-n16-N1") < 2 and first.poll() is None:
+    while time.time() < end and _epochs_logged(uri, stage) < 2 and first.poll() is None:
         time.sleep(0.05)
-    seen = len(list(d.glob("checkpoint_*")))
+    seen = [json.loads((p / "train_state.json").read_text()) for p in d.glob("checkpoint_*")
+            if (p / "train_state.json").exists()]
     first.send_signal(signal.SIGKILL)
     first.wait(30)
-    assert 2 <= seen < 6, (seen, first.stderr.read()[-3000:])
+    mine = sum(st.get("group_index", 0) == index for st in seen)  # the stage's checkpoints
+    assert 2 <= mine < 6, (mine, first.stderr.read()[-3000:])
     assert not (_run_dir(cfg) / "results.json").exists()
     time.sleep(3)  # the dead driver's Train controller and workers go with its job
     again = subprocess.run([*args, "0"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
-    res = json.loads((_run_dir(cfg) / "results.json").read_text())
+    return json.loads((_run_dir(cfg) / "results.json").read_text())
+
+
+def test_a_driver_killed_by_sigkill_mid_level_resumes_when_rerun(local_ray, tmp_path, mlflow_uri):
+    """The schedule's driver is SIGKILLed once two epochs are checkpointed; running it again
+    resumes the level from the checkpoint, and MLflow ends with every epoch once in the same runs."""
+    cfg = _cfg(tmp_path, [{"n": 16, "steps": 1, "epochs": 6, "optim": {"batch_size": 32}}],
+               kind="single", name="drvkill", scaling={"num_workers": 1})
+    res = _kill_driver_and_rerun(cfg, tmp_path, mlflow_uri, "L0-n16-N1",
+                                 f"{cfg.name}-{cfg.config_hash()}-L0-n16-N1")
     assert [h["epoch"] for h in res["stages"][0]["history"]] == list(range(6))
     _assert_resumed(cfg, mlflow_uri, epochs=6, steps_per_epoch=6)  # 192 images / 32, one worker
+
+
+def test_a_driver_killed_in_the_fine_level_of_one_worker_group_resumes_there(local_ray, tmp_path,
+                                                                                mlflow_uri):
+    """One worker group for both levels: the driver is SIGKILLed in the fine level's third epoch;
+    running it again resumes the fine level from its checkpoint (the coarse level is not trained
+    again: its one epoch was checkpointed once), and each level's MLflow run holds its epochs once."""
+    cfg = _cfg(tmp_path, [{"n": 8, "steps": 1, "epochs": 1, "optim": {"batch_size": 32}},
+                          {"n": 16, "steps": 1, "epochs": 5, "optim": {"batch_size": 32}, "prefilter": True}],
+               name="grpkill", scaling={"num_workers": 1})
+    trainer = f"{cfg.name}-{cfg.config_hash()}-L0-n8-N1..L1-n16-N1"
+    res = _kill_driver_and_rerun(cfg, tmp_path, mlflow_uri, "L1-n16-N1", trainer, index=1)
+    assert [[h["global_epoch"] for h in s["history"]] for s in res["stages"]] == [[0], [1, 2, 3, 4, 5]]
+    states = [json.loads((p / "train_state.json").read_text())
+              for p in sorted((_run_dir(cfg) / trainer).glob("checkpoint_*"))
+              if (p / "train_state.json").exists()]
+    assert [st.get("group_index", 0) for st in states].count(0) == 1  # the coarse epoch, once
+    fine = [st["epoch"] for st in states if st.get("group_index") == 1]
+    assert fine.count(0) == 1 and set(fine) == set(range(5)), fine  # resumed, not started over
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("test").experiment_id
+    for stage, steps in (("L0-n8-N1", [0]), ("L1-n16-N1", [1, 2, 3, 4, 5])):
+        run = client.search_runs([exp], f"tags.stage = '{stage}'")[0]
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == steps
+        assert run.info.status == "FINISHED"
 
 
 def test_bad_schedule_configs_name_the_field(tmp_path):

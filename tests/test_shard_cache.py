@@ -4,7 +4,7 @@ worker gets its level, and the Ray Train extras around a stage (no Ray needed)."
 import pytest
 import torch
 
-from pipelines.stage import ShardCache, train_extras_env, worker_reads
+from pipelines.stage import TRAIN_POLL_ENV, ShardCache, train_extras_env, train_poll_env, worker_reads
 
 
 class FakeShard:
@@ -106,6 +106,19 @@ def test_train_extras_follow_the_setting_and_the_node_count_and_leave_a_users_va
         assert os.environ["RAY_TRAIN_METRICS_ENABLED"] == "1"
         assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert os.environ["RAY_TRAIN_METRICS_ENABLED"] == "1"
+
+
+def test_train_poll_interval_is_set_around_fit_and_a_users_variable_wins(monkeypatch):
+    import os
+
+    monkeypatch.delenv(TRAIN_POLL_ENV, raising=False)
+    with train_poll_env(0.5) as seconds:
+        assert seconds == 0.5 and os.environ[TRAIN_POLL_ENV] == "0.5"
+    assert TRAIN_POLL_ENV not in os.environ
+    monkeypatch.setenv(TRAIN_POLL_ENV, "3")
+    with train_poll_env(0.5) as seconds:
+        assert seconds == 3.0 and os.environ[TRAIN_POLL_ENV] == "3"
+    assert os.environ[TRAIN_POLL_ENV] == "3"
 
 
 def test_the_mlflow_callback_opens_its_store_when_it_arrives_in_the_controller(tmp_path):
