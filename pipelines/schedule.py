@@ -33,7 +33,7 @@ from mscnn.models import cost, handover
 from pipelines.config import ScheduleConfig
 from pipelines.pyramid import build_pyramid, input_scale, level_for, read_manifest
 from pipelines.runtime import exclusive, require_ray
-from pipelines.stage import StageSpec, level_states, run_stage, stage_phases
+from pipelines.stage import StageSpec, after_level, level_states, run_stage, stage_phases
 from pipelines.tracking import Tracker, git_tags
 
 __all__ = ["LevelOutcome", "run_levels", "run_schedule", "stage_name", "to_target"]
@@ -167,10 +167,7 @@ def _prepare_level(run: _Run, i: int, prev: LevelOutcome | None, log: Callable[[
     spec = StageSpec(
         name=f"{cfg.name}-{chash}-{name}", model=mcfg, level=run.pyramid_levels[i], epochs=lv.epochs,
         optim=lv.optim.model_dump(), patience=lv.patience, seed=cfg.seed + i, init_checkpoint=init,
-        lineage=lineage, epoch_offset=prev.global_epoch_end if prev else 0,
-        wallclock_offset=prev.wallclock_end if prev else 0.0,
-        compute_offset=prev.compute_end if prev else 0.0,
-        compute_per_epoch=cost(mcfg) / run.ref_cost * _mge_share(lv), extra=run.extra,
+        lineage=lineage, compute_per_epoch=cost(mcfg) / run.ref_cost * _mge_share(lv), extra=run.extra,
         mge={"sizes": lv.mge_sizes(), "batch_sizes": lv.estimator.batch_sizes, "move": lv.estimator.move,
              "sigma": cfg.pyramid.sigma,  # the coarse samples are made as the pyramid made its levels
              # the input blur a prefiltered handover gave the network comes off on the coarse grids
@@ -179,14 +176,13 @@ def _prepare_level(run: _Run, i: int, prev: LevelOutcome | None, log: Callable[[
         handover={"naive": lv.naive, "lam": lv.lam, "galerkin": lv.galerkin,
                   "prefilter": cfg.prefilter_px(lv), "dilate": lv.dilate,
                   "init_path": str(run.run_dir / f"{name}.init")} if in_group else None)
-    return spec, run_id, lineage
+    return (after_level(spec, prev.history[-1]) if prev else spec), run_id, lineage
 
 
-def _best_of(result, k: int | None):
+def _best_of(result, k: int):
     """The checkpoint of the best validation accuracy (the earliest of equals, as the worker
-    keeps it) among the reports of a group's ``k``-th level (``None``: every report)."""
-    reports = [(c, m) for c, m in result.best_checkpoints or []
-               if k is None or int(m.get("group_index", 0)) == k]
+    keeps it) among the reports of the run's ``k``-th level."""
+    reports = [(c, m) for c, m in result.best_checkpoints or [] if int(m.get("group_index", 0)) == k]
     return max(reports, key=lambda cm: (cm[1]["val_accuracy"], -cm[1]["global_epoch"]))[0]
 
 
@@ -228,7 +224,7 @@ def run_levels(run: _Run, first: int, last: int, prev: LevelOutcome | None,
         ends = states[k + 1]["timeline"]["entered"] if k + 1 < len(idx) else stamps["fit_end"]
         level_stamps = stamps if k == 0 else {"start": states[k]["timeline"]["entered"],
                                               "fit_start": states[k]["timeline"]["entered"]}
-        outcomes.append(_finish_level(run, i, run_ids[k], lineage, _best_of(result, k if group else None),
+        outcomes.append(_finish_level(run, i, run_ids[k], lineage, _best_of(result, k),
                                       states[k], stage_phases({**level_stamps, "fit_end": ends}, states[k]),
                                       log))
     return outcomes

@@ -33,9 +33,9 @@ from mscnn.checkpoint import load_checkpoint, save_checkpoint
 from mscnn.models import NetConfig, build_model, handover
 from mscnn.train import eval_batch_size, evaluate, make_step, train_epoch
 
-__all__ = ["CURVES", "MlflowStageCallback", "ProgressCallback", "ShardCache", "StageSpec", "resolve_gpu",
-           "dataset_name", "level_states", "run_stage", "train_extras_env",
-           "train_func", "train_poll_env", "worker_reads"]
+__all__ = ["CURVES", "MlflowStageCallback", "ProgressCallback", "ShardCache", "StageSpec", "after_level",
+           "dataset_name", "level_states", "resolve_gpu", "run_stage", "train_extras_env", "train_func",
+           "train_poll_env", "worker_reads"]
 
 # what the stage and parent runs plot per epoch; bookkeeping (epoch, n, steps) are params and tags
 CURVES = ("train_loss", "val_loss", "val_accuracy", "images_per_s", "wallclock", "stage_seconds",
@@ -157,8 +157,9 @@ def _initial(spec: StageSpec) -> torch.nn.Module:
     return model
 
 
-def _after(spec: StageSpec, last: dict) -> StageSpec:
-    """A later level of a worker group continues the axes where the level before ended."""
+def after_level(spec: StageSpec, last: dict) -> StageSpec:
+    """``spec`` continuing the axes (global epoch, wall-clock, fine-grid compute) where the level
+    before ended, ``last`` being that level's last epoch's metrics."""
     return replace(spec, epoch_offset=last["global_epoch"] + 1, wallclock_offset=last["wallclock"],
                    compute_offset=last["fine_equiv_epochs"])
 
@@ -435,7 +436,7 @@ def train_func(config: dict) -> None:
     done = resumed[2].get("levels", []) if resumed else []
     best = None
     for k in range(k0, len(specs)):
-        spec = specs[k] if k == 0 else _after(specs[k], done[-1]["history"][-1])
+        spec = specs[k] if k == 0 else after_level(specs[k], done[-1]["history"][-1])
         if resumed and k == k0:
             net, step_state, state, best = resumed
             best = best if best is not None else copy.deepcopy(net)

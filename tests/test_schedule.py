@@ -229,6 +229,13 @@ def test_depth_schedule_doubles_steps(local_ray, tmp_path, mlflow_uri):
     assert [s["steps"] for s in res["stages"]] == [[1], [2]]
 
 
+def _checkpoint_states(d: Path) -> list[dict]:
+    """``train_state.json`` of every checkpoint Ray Train persisted in the run folder ``d``, in the
+    order they were written (a folder still being written, without it, is left out)."""
+    return [json.loads((p / "train_state.json").read_text()) for p in sorted(d.glob("checkpoint_*"))
+            if (p / "train_state.json").exists()]
+
+
 def test_one_worker_group_for_the_schedule_trains_the_same_networks(local_ray, tmp_path, mlflow_uri):
     """``scaling.worker_group: schedule``: both levels in one Ray Train run (one worker group, the
     handover done in the worker) train the same networks as a Ray Train run per level, to the last
@@ -273,11 +280,10 @@ def test_one_worker_group_for_the_schedule_trains_the_same_networks(local_ray, t
     # fine level's first was written again (a restart of the level or of the group writes them
     # again), and Adam counted the fine level's 3 epochs of 6 steps
     d = _run_dir(one) / trainer_dirs[0]
-    ckpts = sorted(p for p in d.glob("checkpoint_*") if (p / "train_state.json").exists())
-    states = [json.loads((p / "train_state.json").read_text()) for p in ckpts]
-    assert [(st["group_index"], st["epoch"]) for st in states].count((0, 0)) == 1
-    assert [(st["group_index"], st["epoch"]) for st in states].count((1, 0)) == 1
-    adam = torch.load(ckpts[-1] / "step.pt", weights_only=True)["optimizer"]["state"]
+    written = [(st["group_index"], st["epoch"]) for st in _checkpoint_states(d)]
+    assert written.count((0, 0)) == 1 and written.count((1, 0)) == 1, written
+    last = sorted(p for p in d.glob("checkpoint_*") if p.is_dir())[-1]
+    adam = torch.load(last / "step.pt", weights_only=True)["optimizer"]["state"]
     assert {int(v["step"]) for v in adam.values()} == {18}
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("test").experiment_id
@@ -341,8 +347,7 @@ def _assert_resumed(cfg, uri: str, epochs: int, steps_per_epoch: int) -> None:
     every epoch once on the global axis, in the level's run and in the parent's."""
     d = _run_dir(cfg) / f"{cfg.name}-{cfg.config_hash()}-L0-n16-N1"
     ckpts = sorted(p for p in d.glob("checkpoint_*") if p.is_dir())
-    written = [json.loads((p / "train_state.json").read_text())["epoch"] for p in ckpts
-               if (p / "train_state.json").exists()]
+    written = [st["epoch"] for st in _checkpoint_states(d)]
     assert written.count(0) == 1 and set(written) == set(range(epochs)), written
     assert written[-1] == epochs - 1 and len(ckpts) - len(written) <= 1, [p.name for p in ckpts]
     adam = torch.load(ckpts[-1] / "step.pt", weights_only=True)["optimizer"]["state"]
@@ -439,8 +444,7 @@ def _kill_driver_and_rerun(cfg, tmp_path, uri: str, stage: str, trainer: str, in
     end = time.time() + 300
     while time.time() < end and _epochs_logged(uri, stage) < 2 and first.poll() is None:
         time.sleep(0.05)
-    seen = [json.loads((p / "train_state.json").read_text()) for p in d.glob("checkpoint_*")
-            if (p / "train_state.json").exists()]
+    seen = _checkpoint_states(d)
     first.send_signal(signal.SIGKILL)
     first.wait(30)
     mine = sum(st.get("group_index", 0) == index for st in seen)  # the stage's checkpoints
@@ -474,9 +478,7 @@ def test_a_driver_killed_in_the_fine_level_of_one_worker_group_resumes_there(loc
     trainer = f"{cfg.name}-{cfg.config_hash()}-L0-n8-N1..L1-n16-N1"
     res = _kill_driver_and_rerun(cfg, tmp_path, mlflow_uri, "L1-n16-N1", trainer, index=1)
     assert [[h["global_epoch"] for h in s["history"]] for s in res["stages"]] == [[0], [1, 2, 3, 4, 5]]
-    states = [json.loads((p / "train_state.json").read_text())
-              for p in sorted((_run_dir(cfg) / trainer).glob("checkpoint_*"))
-              if (p / "train_state.json").exists()]
+    states = _checkpoint_states(_run_dir(cfg) / trainer)
     assert [st.get("group_index", 0) for st in states].count(0) == 1  # the coarse epoch, once
     fine = [st["epoch"] for st in states if st.get("group_index") == 1]
     assert fine.count(0) == 1 and set(fine) == set(range(5)), fine  # resumed, not started over
